@@ -1,0 +1,1 @@
+"""Device-side model: pure functions and Flax NNX modules, no I/O."""

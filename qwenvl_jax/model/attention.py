@@ -1,0 +1,94 @@
+"""The one attention entry point used by both towers.
+
+Tokens attend only to tokens with the same segment id (ViT windows, whole frames for the ViT's
+full-attention blocks, samples of a packed batch, real-vs-padding in the LLM), optionally causally.
+
+Two XLA implementations, chosen by shape:
+  * dense:  scores [B, K, G, N, S] with a mask; used for the LLM and whenever segments are long.
+  * banded: when every segment is contiguous and at most `max_segment_len` long, a query block
+    can only see keys within `max_segment_len - 1` positions of it, so each block of `bq` queries
+    attends to (2r+1) key blocks around it: cost O(N * max_segment_len), not O(N^2).
+The Pallas TPU kernel (issue 5) plugs in behind the same signature.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully-masked rows stay NaN-free
+_MAX_BLOCK = 256
+
+
+def attend(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, q_positions=None,
+           kv_positions=None, max_segment_len: int | None = None, scale: float | None = None):
+    """Segment-restricted multi-head attention with grouped KV heads.
+
+    q [B, N, Hq, D]; k, v [B, S, Hk, D] with Hq % Hk == 0 (q head h uses kv head h // (Hq/Hk));
+    q_segment_ids [B, N], kv_segment_ids [B, S]: a query attends to keys of its own segment id;
+    causal: additionally only keys with kv_position <= q_position (positions default to indices);
+    max_segment_len: a static upper bound on segment length when segments are contiguous runs
+    and q/k are the same sequence; enables the banded path.
+    Returns [B, N, Hq, D] in v's dtype.
+    """
+    b, n, hq, d = q.shape
+    s = k.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    if q_positions is None:
+        q_positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    if kv_positions is None:
+        kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    if max_segment_len is not None and n == s:
+        bq, r = _band_shape(max_segment_len)
+        if (2 * r + 1) * bq < n:
+            return _banded(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+                           causal, scale, bq, r)
+    mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B, N, S]
+    if causal:
+        mask &= q_positions[:, :, None] >= kv_positions[:, None, :]
+    return _masked_attention(q, k, v, mask, scale)
+
+
+def _masked_attention(q, k, v, mask, scale):
+    """q [..., N, Hq, D], k/v [..., S, Hk, D], mask [..., N, S] -> [..., N, Hq, D]."""
+    *lead, n, hq, d = q.shape
+    hk = k.shape[-2]
+    qg = q.reshape(*lead, n, hk, hq // hk, d)
+    scores = jnp.einsum("...nkgd,...skd->...kgns", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[..., None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # softmax in f32
+    out = jnp.einsum("...kgns,...skd->...nkgd", probs, v)
+    return out.reshape(*lead, n, hq, d)
+
+
+def _band_shape(max_segment_len: int) -> tuple[int, int]:
+    """Query block size bq and key-block radius r with r*bq >= max_segment_len - 1."""
+    bq = min(_MAX_BLOCK, max(8, 1 << math.ceil(math.log2(max(max_segment_len, 1)))))
+    r = -(-(max_segment_len - 1) // bq)
+    return bq, r
+
+
+def _banded(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal, scale, bq, r):
+    b, n, hq, d = q.shape
+    nb = -(-n // bq)
+    tail = nb * bq - n
+    # Padding queries get segment -1 and padding keys -2: they never match anything real.
+    pad = lambda x, before, after, val: jnp.pad(  # noqa: E731
+        x, [(0, 0), (before, after)] + [(0, 0)] * (x.ndim - 2), constant_values=val)
+    qb = pad(q, 0, tail, 0).reshape(b, nb, bq, hq, d)
+    q_seg_b = pad(q_seg, 0, tail, -1).reshape(b, nb, bq)
+    q_pos_b = pad(q_pos, 0, tail, 0).reshape(b, nb, bq)
+
+    def windows(x, val):  # [B, S, ...] -> [B, nb, (2r+1)*bq, ...]: key blocks i-r .. i+r
+        xb = pad(x, r * bq, tail + r * bq, val).reshape(b, nb + 2 * r, bq, *x.shape[2:])
+        return jnp.concatenate([xb[:, j:j + nb] for j in range(2 * r + 1)], axis=2)
+
+    kw, vw = windows(k, 0), windows(v, 0)
+    kv_seg_w, kv_pos_w = windows(kv_seg, -2), windows(kv_pos, 0)
+    mask = q_seg_b[..., :, None] == kv_seg_w[..., None, :]  # [B, nb, bq, W]
+    if causal:
+        mask &= q_pos_b[..., :, None] >= kv_pos_w[..., None, :]
+    out = _masked_attention(qb, kw, vw, mask, scale)  # [B, nb, bq, Hq, D]
+    return out.reshape(b, nb * bq, hq, d)[:, :n]

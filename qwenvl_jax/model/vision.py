@@ -1,0 +1,99 @@
+"""The vision tower: patch embed -> window order -> blocks (windowed / full) -> merger -> raster order.
+
+SPEC section 3. Shapes: P patches, U = P/4 merged units, D vision width, O = LLM width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwenvl_jax.config import VisionConfig
+from qwenvl_jax.model.attention import attend
+from qwenvl_jax.model.layers import MLP, Linear, RMSNorm, scan_layers, stack_layers
+from qwenvl_jax.model.rope import apply_rotary, vision_cos_sin
+from qwenvl_jax.model.vision_layout import VisionInputs
+
+VISION_EPS = 1e-6  # every vision RMSNorm, ln_q included (SPEC 10.9)
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype):
+        kw = dict(bias=True, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, **kw)  # rows q | k | v, head-major
+        self.proj = Linear(cfg.hidden_size, cfg.hidden_size, **kw)
+        self.num_heads = cfg.num_heads
+
+    def __call__(self, x, cos, sin, segment_ids, max_segment_len: int):  # x [P, D]
+        p, d = x.shape
+        qkv = self.qkv(x).reshape(p, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [P, H, hd]
+        # Rotary in f32, back to the compute dtype (SPEC 3.2).
+        q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(v.dtype)
+        k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(v.dtype)
+        seg = segment_ids[None]
+        out = attend(q[None], k[None], v[None], q_segment_ids=seg, kv_segment_ids=seg, causal=False,
+                     max_segment_len=max_segment_len)[0]
+        return self.proj(out.reshape(p, d))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype):
+        kw = dict(param_dtype=param_dtype, dtype=dtype)
+        self.norm1 = RMSNorm(cfg.hidden_size, eps=VISION_EPS, **kw)
+        self.norm2 = RMSNorm(cfg.hidden_size, eps=VISION_EPS, **kw)
+        self.attn = VisionAttention(cfg, rngs=rngs, **kw)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=True, rngs=rngs, **kw)
+
+    def __call__(self, x, cos, sin, inputs: VisionInputs, is_full):
+        h = self.norm1(x)
+        # Full-attention blocks see each whole frame group, the others one window (SPEC 3.4).
+        h = jax.lax.cond(
+            is_full,
+            lambda: self.attn(h, cos, sin, inputs.full_segment_ids, inputs.max_full_len),
+            lambda: self.attn(h, cos, sin, inputs.window_segment_ids, inputs.max_window_len))
+        x = x + h
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+    """RMSNorm, concat each 2x2 group (4 consecutive rows), Linear -> exact GELU -> Linear."""
+
+    def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype):
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        width = cfg.hidden_size * cfg.merge_unit
+        self.ln_q = RMSNorm(cfg.hidden_size, eps=VISION_EPS, param_dtype=param_dtype, dtype=dtype)
+        self.fc1 = Linear(width, width, bias=True, **kw)
+        self.fc2 = Linear(width, cfg.out_hidden_size, bias=True, **kw)
+        self.width = width
+
+    def __call__(self, x):  # [P, D] -> [P/4, O]
+        y = self.ln_q(x).reshape(-1, self.width)
+        return self.fc2(jax.nn.gelu(self.fc1(y), approximate=False))
+
+
+class VisionTransformer(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
+        kw = dict(param_dtype=param_dtype, dtype=dtype)
+        self.cfg = cfg
+        # Conv3d with kernel == stride over rows already flattened as (C, T, ph, pw): one matmul.
+        self.patch_embed = Linear(cfg.patch_dim, cfg.hidden_size, bias=False, rngs=rngs, **kw)
+        self.blocks = stack_layers(lambda r: VisionBlock(cfg, rngs=r, **kw), cfg.depth, rngs)
+        self.merger = PatchMerger(cfg, rngs=rngs, **kw)
+
+    def __call__(self, inputs: VisionInputs):  # -> [U, O] in the processor's (raster) order
+        cfg = self.cfg
+        x = self.patch_embed(inputs.pixel_values)  # [P, D]
+        p, d = x.shape
+        mu = cfg.merge_unit
+        x = x.reshape(p // mu, mu, d)[inputs.window_index].reshape(p, d)  # window order
+        cos, sin = vision_cos_sin(inputs.rotary_pos, cfg.head_dim, cfg.rope_theta)
+        is_full = jnp.asarray(np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes))
+
+        def body(block, x, full):
+            return block(x, cos, sin, inputs, full)
+
+        x = scan_layers(self.blocks, body, x, is_full)
+        return self.merger(x)[inputs.reverse_index]

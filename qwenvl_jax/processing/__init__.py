@@ -1,0 +1,1 @@
+"""Host-side preprocessing (numpy, PIL, tokenizers): no jax, no model imports."""

@@ -1,0 +1,1 @@
+"""HF safetensors checkpoints in and out."""

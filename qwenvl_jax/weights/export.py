@@ -1,0 +1,84 @@
+"""Write our params as an HF checkpoint: safetensors shards + index, config.json.
+
+transformers (4.x and 5.x) and vLLM load the result; names and layouts are those of the published
+checkpoints. Tensors are converted one at a time while a shard is filled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+
+from qwenvl_jax.config import Qwen25VLConfig
+from qwenvl_jax.weights import hf_keys
+from qwenvl_jax.weights.load import INDEX_FILE
+
+_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+_TORCH_DTYPE = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+def hf_tensors(state, config: Qwen25VLConfig, dtype=None):
+    """Yields (HF name, numpy tensor) for every parameter, per-layer tensors unstacked."""
+    v = config.vision
+    patch_shape = (v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        template, kind = hf_keys.hf_name(hf_keys.path_names(path))
+        value = np.asarray(jax.device_get(leaf))
+        if dtype is not None:
+            value = value.astype(dtype)
+        layers = [(template.format(i=i), value[i]) for i in range(value.shape[0])] \
+            if hf_keys.is_stacked(template) else [(template, value)]
+        for name, x in layers:
+            shape = hf_keys.expected_hf_shape(x.shape, kind, patch_shape)
+            yield name, np.ascontiguousarray(hf_keys.to_hf(x, kind, shape))
+
+
+def save_hf_checkpoint(out_dir: str | Path, state, config: Qwen25VLConfig, *, dtype: str | None = None,
+                       max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Writes model-0000k-of-0000n.safetensors + index (or one model.safetensors) and config.json.
+
+    Each shard is written as soon as it is full, so host memory holds at most one shard.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    written: list[tuple[Path, list[str]]] = []
+    current: dict[str, np.ndarray] = {}
+    size, total, torch_dtype = 0, 0, "float32"
+
+    def flush():
+        tmp = out / f".shard-{len(written):05d}.tmp"
+        save_file(current, str(tmp), metadata={"format": "pt"})  # transformers expects the marker
+        written.append((tmp, list(current)))
+
+    for name, tensor in hf_tensors(state, config, _DTYPES.get(dtype) if dtype else None):
+        if current and size + tensor.nbytes > max_shard_bytes:
+            flush()
+            current, size = {}, 0
+        current[name] = tensor
+        size += tensor.nbytes
+        total += tensor.nbytes
+        torch_dtype = _TORCH_DTYPE.get(tensor.dtype, "float32")
+    flush()
+
+    (out / INDEX_FILE).unlink(missing_ok=True)
+    if len(written) == 1:
+        written[0][0].replace(out / "model.safetensors")
+    else:
+        weight_map = {}
+        for k, (tmp, names) in enumerate(written):
+            fname = f"model-{k + 1:05d}-of-{len(written):05d}.safetensors"
+            tmp.replace(out / fname)
+            weight_map.update({n: fname for n in names})
+        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+                                                  "weight_map": weight_map}, indent=2))
+    hf_config = config.to_hf_dict()
+    hf_config["torch_dtype"] = torch_dtype
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    return out

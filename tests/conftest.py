@@ -1,0 +1,33 @@
+import os
+import sys
+from pathlib import Path
+
+# Multi-device code is tested on 8 simulated CPU devices; set before jax is imported.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytest  # noqa: E402
+
+from hf_reference import SHAPES, build_hf_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory: shape name -> (checkpoint dir written by transformers, the HF model)."""
+    cache = {}
+
+    def make(shape: str):
+        if shape not in cache:
+            model = build_hf_model(shape)
+            path = tmp_path_factory.mktemp(f"hf_{shape}")
+            model.save_pretrained(path)
+            cache[shape] = (path, model)
+        return cache[shape]
+
+    return make
+
+
+@pytest.fixture(params=sorted(SHAPES))
+def shape(request):
+    return request.param

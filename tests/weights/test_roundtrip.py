@@ -1,0 +1,107 @@
+"""HF safetensors in and out: transformers loads our export and gives the same logits."""
+
+import copy
+import json
+import shutil
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from hf_reference import hf_logits, rel_err
+from qwenvl_jax.pretrained import load_pretrained
+from qwenvl_jax.weights.hf_keys import canonical_name
+from qwenvl_jax.weights.load import CheckpointError
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    grid = (1, 8, 12)
+    ids = np.array([[3, 4, 502] + [500] * 24 + [503, 5, 6, 7]])
+    return dict(input_ids=ids, pixel_values=rng.standard_normal((96, 1176)).astype(np.float32),
+                image_grid_thw=np.array([grid]))
+
+
+def test_export_roundtrip_sharded(tiny_checkpoint, shape, tmp_path):
+    path, hf = tiny_checkpoint(shape)
+    ours = load_pretrained(path, dtype="float32")
+    out = ours.save_pretrained(tmp_path / "export", max_shard_bytes=60_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    on_disk = {canonical_name(k) for k in hf.state_dict()}
+    assert set(index["weight_map"]) == on_disk - ({"lm_head.weight"} if hf.config.tie_word_embeddings else set())
+    reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()
+    for name, ref in hf.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], ref, rtol=0, atol=0, msg=name)
+    b = _batch()
+    mm = (b["input_ids"] == 500).astype(np.int64)
+    assert rel_err(hf_logits(reloaded, **b, mm_token_type_ids=mm), hf_logits(hf, **b, mm_token_type_ids=mm)) == 0
+    assert rel_err(load_pretrained(out, dtype="float32")(**b), ours(**b)) == 0
+
+
+def test_bf16_checkpoint_and_export(tiny_checkpoint, tmp_path):
+    _, hf = tiny_checkpoint("untied_w112")
+    hf_bf16 = tmp_path / "bf16"
+    copy.deepcopy(hf).to(torch.bfloat16).save_pretrained(hf_bf16, max_shard_size="100KB")
+    assert (hf_bf16 / "model.safetensors.index.json").is_file()
+    ours = load_pretrained(hf_bf16, dtype="bfloat16")
+    out = ours.save_pretrained(tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    ref = {k: v for f in hf_bf16.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    got = load_file(str(out / "model.safetensors"))
+    assert set(ref) == set(got)
+    for name, t in ref.items():
+        assert t.dtype == ml_dtypes.bfloat16 and np.array_equal(got[name], t), name
+    logits = np.asarray(ours(**_batch()), np.float32)
+    assert np.isfinite(logits).all()
+
+
+@pytest.fixture
+def broken(tiny_checkpoint, tmp_path):
+    """A writable copy of the tiny checkpoint and its tensors."""
+    src, _ = tiny_checkpoint("untied_w112")
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    return dst, load_file(str(dst / "model.safetensors"))
+
+
+def test_missing_tensor(broken):
+    path, tensors = broken
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight' "
+                                              r"\(expected shape \[96, 64\]\)"):
+        load_pretrained(path, dtype="float32")
+
+
+def test_misshaped_tensor(broken):
+    path, tensors = broken
+    tensors["visual.blocks.2.attn.qkv.weight"] = np.zeros((96, 30), np.float32)
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"'visual.blocks.2.attn.qkv.weight' has shape \[96, 30\], "
+                                              r"expected \[96, 32\]"):
+        load_pretrained(path, dtype="float32")
+
+
+def test_unexpected_tensor(broken):
+    path, tensors = broken
+    tensors["model.layers.7.self_attn.q_proj.weight"] = np.zeros((64, 64), np.float32)
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor\(s\) \['model.layers.7"):
+        load_pretrained(path, dtype="float32")
+
+
+def test_corrupt_file(broken):
+    path, _ = broken
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[:1000])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_pretrained(path, dtype="float32")
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(ValueError, match="config.json"):
+        load_pretrained(tmp_path / "nope")
