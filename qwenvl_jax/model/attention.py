@@ -23,7 +23,8 @@ _MAX_BLOCK = 256
 
 
 def attend(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, q_positions=None,
-           kv_positions=None, max_segment_len: int | None = None, scale: float | None = None):
+           kv_positions=None, max_segment_len: int | None = None, aligned: bool = False,
+           scale: float | None = None):
     """Segment-restricted multi-head attention with grouped KV heads.
 
     q [B, N, Hq, D]; k, v [B, S, Hk, D] with Hq % Hk == 0 (q head h uses kv head h // (Hq/Hk));
@@ -31,6 +32,8 @@ def attend(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, q_positions=
     causal: additionally only keys with kv_position <= q_position (positions default to indices);
     max_segment_len: a static upper bound on segment length when segments are contiguous runs
     and q/k are the same sequence; enables the banded path.
+    aligned: segments never cross multiples of max_segment_len (e.g. ViT windows padded to a
+    fixed size), so attention is exactly block-diagonal with blocks of max_segment_len.
     Returns [B, N, Hq, D] in v's dtype.
     """
     b, n, hq, d = q.shape
@@ -41,7 +44,7 @@ def attend(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, q_positions=
     if kv_positions is None:
         kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     if max_segment_len is not None and n == s:
-        bq, r = _band_shape(max_segment_len)
+        bq, r = (max_segment_len, 0) if aligned else _band_shape(max_segment_len)
         if (2 * r + 1) * bq < n:
             return _banded(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
                            causal, scale, bq, r)

@@ -26,7 +26,7 @@ class VisionAttention(nnx.Module):
         self.proj = Linear(cfg.hidden_size, cfg.hidden_size, **kw)
         self.num_heads = cfg.num_heads
 
-    def __call__(self, x, cos, sin, segment_ids, max_segment_len: int):  # x [P, D]
+    def __call__(self, x, cos, sin, segment_ids, max_segment_len: int, aligned: bool = False):  # x [S, D]
         p, d = x.shape
         qkv = self.qkv(x).reshape(p, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [P, H, hd]
@@ -35,7 +35,7 @@ class VisionAttention(nnx.Module):
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(v.dtype)
         seg = segment_ids[None]
         out = attend(q[None], k[None], v[None], q_segment_ids=seg, kv_segment_ids=seg, causal=False,
-                     max_segment_len=max_segment_len)[0]
+                     max_segment_len=max_segment_len, aligned=aligned)[0]
         return self.proj(out.reshape(p, d))
 
 
@@ -53,7 +53,7 @@ class VisionBlock(nnx.Module):
         h = jax.lax.cond(
             is_full,
             lambda: self.attn(h, cos, sin, inputs.full_segment_ids, inputs.max_full_len),
-            lambda: self.attn(h, cos, sin, inputs.window_segment_ids, inputs.max_window_len))
+            lambda: self.attn(h, cos, sin, inputs.window_segment_ids, inputs.window_len, aligned=True))
         x = x + h
         return x + self.mlp(self.norm2(x))
 
@@ -86,9 +86,9 @@ class VisionTransformer(nnx.Module):
     def __call__(self, inputs: VisionInputs):  # -> [U, O] in the processor's (raster) order
         cfg = self.cfg
         x = self.patch_embed(inputs.pixel_values)  # [P, D]
-        p, d = x.shape
-        mu = cfg.merge_unit
-        x = x.reshape(p // mu, mu, d)[inputs.window_index].reshape(p, d)  # window order
+        mu, d = cfg.merge_unit, x.shape[-1]
+        units = jnp.concatenate([x.reshape(-1, mu, d), jnp.zeros((1, mu, d), x.dtype)])  # + padding unit
+        x = units[inputs.unit_index].reshape(-1, d)  # [S, D] slots in window order
         cos, sin = vision_cos_sin(inputs.rotary_pos, cfg.head_dim, cfg.rope_theta)
         is_full = jnp.asarray(np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes))
 

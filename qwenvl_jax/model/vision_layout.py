@@ -14,16 +14,21 @@ from qwenvl_jax.config import VisionConfig
 
 @struct.dataclass
 class VisionInputs:
-    """Inputs of the vision tower. Sequence arrays are in window order, patch level (P rows)."""
+    """Inputs of the vision tower.
+
+    The tower runs on a *slot* sequence: merge units in window order, each window padded to
+    `window_len` patches (padding slots hold zeros and segment id 0), so windowed attention is
+    exact block-diagonal attention over aligned blocks. S = number of slots (patch level).
+    """
 
     pixel_values: np.ndarray  # [P, patch_dim] in the processor's (raster, 2x2-block) order
-    rotary_pos: np.ndarray  # [P, 2] (row, col) of each patch, window order
-    window_index: np.ndarray  # [P/4] window order -> source merge unit
-    reverse_index: np.ndarray  # [P/4] source merge unit -> window order (argsort of window_index)
-    window_segment_ids: np.ndarray  # [P] one id per window, 1-based
-    full_segment_ids: np.ndarray  # [P] one id per (item, temporal slice), 1-based
-    max_window_len: int = struct.field(pytree_node=False)  # static bounds for banded attention
-    max_full_len: int = struct.field(pytree_node=False)
+    unit_index: np.ndarray  # [S/4] source merge unit of each slot unit; U (one past the end) = padding
+    reverse_index: np.ndarray  # [U] slot unit of each source merge unit
+    rotary_pos: np.ndarray  # [S, 2] (row, col) of each slot's patch
+    window_segment_ids: np.ndarray  # [S] one id per window, 1-based; 0 = padding
+    full_segment_ids: np.ndarray  # [S] one id per (item, temporal slice), 1-based; 0 = padding
+    window_len: int = struct.field(pytree_node=False)  # patches per padded window (static)
+    max_full_len: int = struct.field(pytree_node=False)  # longest slot span of one temporal slice
     num_image_tokens: int = struct.field(pytree_node=False)  # merged rows that belong to images
 
     @property
@@ -89,20 +94,44 @@ def vision_inputs(pixel_values, grid_thw, cfg: VisionConfig, num_image_items: in
         raise ValueError(f"grid_thw {bad}: h and w must be positive multiples of {m}")
 
     index, unit_window = window_index(grid_thw, cfg)
-    to_window = lambda a: a.reshape(num_patches // mu, mu, *a.shape[1:])[index].reshape(a.shape)  # noqa: E731
-    window_seg = np.repeat(unit_window, mu) + 1
+    units = num_patches // mu
+    window_units = cfg.window_patches // mu
+    # Slot of each unit in window order: its window's start plus its rank inside the window.
+    starts = np.flatnonzero(np.r_[True, unit_window[1:] != unit_window[:-1]])
+    rank = np.arange(units) - np.repeat(starts, np.diff(np.r_[starts, units]))
+    slot = unit_window * window_units + rank
+    n_slots = (int(unit_window[-1]) + 1) * window_units
+    unit_index = np.full(n_slots, units, np.int64)
+    unit_index[slot] = index
+    reverse_index = np.empty(units, np.int64)
+    reverse_index[index] = slot
+
+    def to_slots(per_unit, fill):  # [U, ...] in source order -> [S, ...] patch level
+        out = np.full((n_slots + 1, *per_unit.shape[1:]), fill, per_unit.dtype)
+        out[:units] = per_unit
+        return np.repeat(out[unit_index], mu, axis=0) if per_unit.ndim == 1 else out[unit_index]
+
+    rot = rotary_positions(grid_thw, m).reshape(units, mu, 2)
     slice_sizes = np.repeat(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
-    # Units of a temporal slice stay contiguous in window order, so per-slice ids keep their order.
-    full_seg = np.repeat(np.arange(len(slice_sizes)), slice_sizes) + 1
+    slice_of_unit = np.repeat(np.arange(len(slice_sizes)), slice_sizes // mu) + 1
+    full_seg = to_slots(slice_of_unit, 0)
+    window_seg = np.repeat(np.arange(n_slots // window_units) + 1, cfg.window_patches)
+    window_seg[full_seg == 0] = 0
+    # Units of a temporal slice stay contiguous in window order (padding aside): span per slice.
+    first = np.full(len(slice_sizes) + 1, n_slots)
+    last = np.zeros(len(slice_sizes) + 1, np.int64)
+    pos = np.arange(len(full_seg))
+    np.minimum.at(first, full_seg, pos)
+    np.maximum.at(last, full_seg, pos)
     n_img = len(grid_thw) if num_image_items is None else num_image_items
     return VisionInputs(
         pixel_values=pixel_values,
-        rotary_pos=to_window(rotary_positions(grid_thw, m)).astype(np.int32),
-        window_index=index.astype(np.int32),
-        reverse_index=np.argsort(index).astype(np.int32),
+        unit_index=unit_index.astype(np.int32),
+        reverse_index=reverse_index.astype(np.int32),
+        rotary_pos=to_slots(rot, 0).reshape(-1, 2).astype(np.int32),
         window_segment_ids=window_seg.astype(np.int32),
         full_segment_ids=full_seg.astype(np.int32),
-        max_window_len=cfg.window_patches,
-        max_full_len=int(slice_sizes.max()),
+        window_len=cfg.window_patches,
+        max_full_len=int((last[1:] - first[1:]).max()) + 1,
         num_image_tokens=int(np.prod(grid_thw[:n_img], axis=1).sum()) // mu,
     )

@@ -25,14 +25,29 @@ def test_matches_transformers(grids, window):
     cfg = VisionConfig(window_size=window)
     g = torch.tensor(grids)
     ref_idx, ref_cu = get_vision_window_index(g, spatial_merge_size=2, window_size=window, patch_size=14)
+    assert window_index(grids, cfg)[0].tolist() == ref_idx.tolist()
+
     n = int(np.prod(grids, axis=1).sum())
     vi = vision_inputs(np.zeros((n, cfg.patch_dim), np.float32), grids, cfg)
-    assert vi.window_index.tolist() == ref_idx.tolist()
-    # Window segments: boundaries where the segment id changes == HF's cu_window_seqlens.
-    change = np.flatnonzero(np.diff(vi.window_segment_ids)) + 1
+    real_units = vi.unit_index < n // 4
+    assert vi.unit_index[real_units].tolist() == ref_idx.tolist()  # slots keep HF's window order
+    assert (vi.unit_index[vi.reverse_index] == np.arange(n // 4)).all()
+    real = np.repeat(real_units, 4)
+    assert len(real) % cfg.window_patches == 0
+    # Windows: boundaries among the real slots == HF's cu_window_seqlens; each window in one block.
+    win = vi.window_segment_ids[real]
+    change = np.flatnonzero(np.diff(win)) + 1
     assert [0, *change.tolist(), n] == ref_cu.tolist()
+    blocks = vi.window_segment_ids.reshape(-1, cfg.window_patches)
+    assert all(len(set(b[b > 0])) <= 1 for b in blocks)
+    assert (vi.window_segment_ids[~real] == 0).all() and (vi.full_segment_ids[~real] == 0).all()
+    # Rotary ids: HF's per-patch (row, col), permuted into window order.
     ref_pos = get_vision_position_ids(g, 2).numpy()
     assert rotary_positions(grids, 2).tolist() == ref_pos.tolist()
-    # Full-attention segments: one per (item, temporal slice), contiguous in window order.
+    assert vi.rotary_pos[real].tolist() == ref_pos.reshape(-1, 4, 2)[ref_idx.numpy()].reshape(-1, 2).tolist()
+    # Full-attention segments: one per (item, temporal slice), within the static span bound.
     sizes = np.bincount(vi.full_segment_ids)[1:]
     assert sizes.tolist() == [h * w for t, h, w in grids for _ in range(t)]
+    for seg in range(1, len(sizes) + 1):
+        where = np.flatnonzero(vi.full_segment_ids == seg)
+        assert where[-1] - where[0] + 1 <= vi.max_full_len
