@@ -73,3 +73,23 @@ def rel_err(ours, ref, mask=None) -> float:
         m = np.asarray(mask, bool)
         ours, ref = ours[m], ref[m]
     return float(np.abs(ours - ref).max() / ref.std())
+
+
+def hf_greedy(model, steps: int, *, input_ids, position_ids, attention_mask=None, **vision) -> np.ndarray:
+    """Reference greedy decode: a full forward per step with explicit training-rule positions.
+
+    Each new token gets (largest position of its row) + 1 on all three axes. Returns [B, steps].
+    """
+    ids = np.asarray(input_ids)
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+    pos = np.asarray(position_ids, np.int64)
+    out = []
+    for _ in range(steps):
+        logits = hf_logits(model, input_ids=ids, attention_mask=mask, position_ids=pos, **vision)
+        tok = logits[:, -1].argmax(-1)
+        out.append(tok)
+        nxt = np.where(mask > 0, pos.max(0), -1).max(1) + 1  # [B]
+        ids = np.concatenate([ids, tok[:, None]], 1)
+        mask = np.concatenate([mask, np.ones_like(tok)[:, None]], 1)
+        pos = np.concatenate([pos, np.broadcast_to(nxt[None, :, None], (3, len(tok), 1))], 2)
+    return np.stack(out, 1)

@@ -1,17 +1,34 @@
 """The Qwen2.5 text decoder: GQA attention with q/k/v bias and MRoPE, SwiGLU MLP, RMSNorm.
 
-SPEC section 4. Shapes: B batch, L tokens, D width, H query heads, K kv heads, hd head dim.
+SPEC section 4. Shapes: B batch, L new tokens, S cache slots, D width, H query heads, K kv heads,
+hd head dim. With a KVCache, the L new tokens are written at slots [index, index + L) and attend
+causally (by slot) to every filled slot of their row.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from qwenvl_jax.config import TextConfig
 from qwenvl_jax.model.attention import attend
 from qwenvl_jax.model.layers import MLP, Embed, Linear, RMSNorm, scan_layers, stack_layers
 from qwenvl_jax.model.rope import apply_rotary, mrope_cos_sin
+
+
+@struct.dataclass
+class KVCache:
+    k: jax.Array  # [layers, B, S, K, hd]
+    v: jax.Array  # [layers, B, S, K, hd]
+    segment_ids: jax.Array  # [B, S] 1 = filled slot, 0 = empty or padding
+    index: jax.Array  # [] int32: next slot to write
+
+    @classmethod
+    def empty(cls, cfg: TextConfig, batch: int, slots: int, dtype) -> KVCache:
+        shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   segment_ids=jnp.zeros((batch, slots), jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
 class Attention(nnx.Module):
@@ -24,14 +41,23 @@ class Attention(nnx.Module):
         self.o_proj = Linear(cfg.num_attention_heads * hd, cfg.hidden_size, bias=False, **kw)
         self.head_dim = hd
 
-    def __call__(self, x, cos, sin, segment_ids):  # x [B, L, D]
+    def __call__(self, x, cos, sin, segment_ids, cache=None):
+        """x [B, L, D]. cache: None, or (k [B, S, K, hd], v, kv_segment_ids [B, S], index)."""
         b, length, _ = x.shape
         q = self.q_proj(x).reshape(b, length, -1, self.head_dim)  # [B, L, H, hd]
         k = self.k_proj(x).reshape(b, length, -1, self.head_dim)  # [B, L, K, hd]
         v = self.v_proj(x).reshape(b, length, -1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True)
-        return self.o_proj(out.reshape(b, length, -1))
+        if cache is None:
+            out = attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True)
+            return self.o_proj(out.reshape(b, length, -1)), None
+        ck, cv, kv_segment_ids, index = cache
+        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
+        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
+        q_slots = jnp.broadcast_to(index + jnp.arange(length, dtype=jnp.int32), (b, length))
+        out = attend(q, ck.astype(q.dtype), cv.astype(v.dtype), q_segment_ids=segment_ids,
+                     kv_segment_ids=kv_segment_ids, causal=True, q_positions=q_slots)
+        return self.o_proj(out.reshape(b, length, -1)), (ck, cv)
 
 
 class DecoderLayer(nnx.Module):
@@ -42,9 +68,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=False, rngs=rngs, **kw)
 
-    def __call__(self, x, cos, sin, segment_ids):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x, cos, sin, segment_ids, cache=None):
+        h, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, cache)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), new_cache
 
 
 class TextModel(nnx.Module):
@@ -55,9 +82,21 @@ class TextModel(nnx.Module):
         self.layers = stack_layers(lambda r: DecoderLayer(cfg, rngs=r, **kw), cfg.num_hidden_layers, rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
 
-    def __call__(self, x, position_ids, segment_ids):
-        """x [B, L, D] input embeddings; position_ids [3, B, L]; segment_ids [B, L] (0 = padding)."""
+    def __call__(self, x, position_ids, segment_ids, cache: KVCache | None = None):
+        """x [B, L, D] input embeddings; position_ids [3, B, L]; segment_ids [B, L] (0 = padding).
+
+        Returns (hidden [B, L, D], updated cache or None).
+        """
         cfg = self.cfg
         cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, x.dtype)
-        x = scan_layers(self.layers, lambda layer, h, _: layer(h, cos, sin, segment_ids), x)
-        return self.norm(x)
+        if cache is None:
+            x, _ = scan_layers(self.layers, lambda layer, h, _: layer(h, cos, sin, segment_ids), x)
+            return self.norm(x), None
+        kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, cache.index, axis=1)
+
+        def body(layer, h, kv):
+            return layer(h, cos, sin, segment_ids, (kv[0], kv[1], kv_seg, cache.index))
+
+        x, (k, v) = scan_layers(self.layers, body, x, (cache.k, cache.v))
+        new_cache = KVCache(k=k, v=v, segment_ids=kv_seg, index=cache.index + x.shape[1])
+        return self.norm(x), new_cache

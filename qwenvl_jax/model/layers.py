@@ -87,12 +87,14 @@ def stack_layers(make_layer, num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
 
 
 def scan_layers(layers: nnx.Module, body, carry, xs=None):
-    """Runs `body(layer, carry, x) -> carry` over the stacked layers (and optional per-layer xs)."""
+    """Runs `body(layer, carry, x) -> (carry, y)` over the stacked layers and per-layer `xs`.
+
+    Returns (carry, ys) with ys stacked on a leading layer axis (e.g. the updated KV cache).
+    """
     graphdef, state = nnx.split(layers)
 
     def step(c, inp):
         layer_state, x = inp
-        return body(nnx.merge(graphdef, layer_state), c, x), None
+        return body(nnx.merge(graphdef, layer_state), c, x)
 
-    carry, _ = jax.lax.scan(step, carry, (state, xs))
-    return carry
+    return jax.lax.scan(step, carry, (state, xs))

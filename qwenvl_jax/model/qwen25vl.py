@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwenvl_jax.config import Qwen25VLConfig
-from qwenvl_jax.model.decoder import TextModel
+from qwenvl_jax.model.decoder import KVCache, TextModel
 from qwenvl_jax.model.layers import Linear
 from qwenvl_jax.model.vision import VisionTransformer
 from qwenvl_jax.model.vision_layout import VisionInputs
@@ -33,8 +33,19 @@ class Qwen25VL(nnx.Module):
 
     def __call__(self, input_ids, position_ids, segment_ids, vision: VisionInputs | None = None):
         """input_ids [B, L]; position_ids [3, B, L]; segment_ids [B, L] (0 = padding) -> logits [B, L, V]."""
-        h = self.language_model(self.embed(input_ids, vision), position_ids, segment_ids)
+        h, _ = self.language_model(self.embed(input_ids, vision), position_ids, segment_ids)
         return self.logits(h)
+
+    def prefill(self, input_ids, position_ids, segment_ids, vision: VisionInputs | None, cache: KVCache):
+        """Writes the prompt into the cache; returns (logits of the last position [B, V], cache)."""
+        h, cache = self.language_model(self.embed(input_ids, vision), position_ids, segment_ids, cache)
+        return self.logits(h[:, -1]), cache
+
+    def decode(self, tokens, position_ids, cache: KVCache):
+        """tokens [B, L] (usually L = 1) at position_ids [3, B, L] -> (logits [B, L, V], cache)."""
+        x = self.language_model.embed_tokens(tokens)
+        h, cache = self.language_model(x, position_ids, jnp.ones(tokens.shape, jnp.int32), cache)
+        return self.logits(h), cache
 
     def logits(self, h):
         if self.lm_head is None:

@@ -93,7 +93,7 @@ class VisionTransformer(nnx.Module):
         is_full = jnp.asarray(np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes))
 
         def body(block, x, full):
-            return block(x, cos, sin, inputs, full)
+            return block(x, cos, sin, inputs, full), None
 
-        x = scan_layers(self.blocks, body, x, is_full)
+        x, _ = scan_layers(self.blocks, body, x, is_full)
         return self.merger(x)[inputs.reverse_index]

@@ -1,0 +1,1 @@
+"""Turning model outputs into results: decoding helpers and grounding (boxes / points) post-processing."""
