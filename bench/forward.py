@@ -19,37 +19,10 @@ import time
 import jax
 import numpy as np
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration
 
+from common import TOKENS, image_batch, small_config, timed
 from qwenvl_jax.pretrained import load_pretrained
-
-TOKENS = dict(image_token_id=1000, video_token_id=1001, vision_start_token_id=1002, vision_end_token_id=1003)
-
-
-def small_config(dtype: str) -> Qwen2_5_VLConfig:
-    """A small but not trivial model: 8 ViT blocks (2 full), 4 decoder layers, GQA 4:1."""
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=2048, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6,
-                         max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                          "mrope_section": [8, 12, 12]}),
-        vision_config=dict(depth=8, hidden_size=256, intermediate_size=688, num_heads=4, out_hidden_size=512,
-                           fullatt_block_indexes=[3, 7], window_size=112, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2),
-        tie_word_embeddings=False, **TOKENS)
-    cfg.dtype = getattr(torch, dtype)
-    return cfg
-
-
-def timed(fn, runs: int) -> list[float]:
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
-
 
 def main():
     ap = argparse.ArgumentParser()
@@ -65,16 +38,8 @@ def main():
         hf.save_pretrained(d)
         ours = load_pretrained(d, dtype=args.dtype)
 
-    g = args.image // 14
-    grid = np.array([[1, g, g]])
-    rng = np.random.default_rng(0)
-    pv = rng.standard_normal((g * g, 1176)).astype(np.float32)
-    n_img = g * g // 4
-    half = args.text_tokens // 2
-    ids = np.array([list(rng.integers(0, 900, half)) + [TOKENS["vision_start_token_id"]]
-                    + [TOKENS["image_token_id"]] * n_img + [TOKENS["vision_end_token_id"]]
-                    + list(rng.integers(0, 900, args.text_tokens - half))])
-    batch = dict(input_ids=ids, pixel_values=pv, image_grid_thw=grid)
+    batch = image_batch(args.image, args.text_tokens)
+    ids, pv = batch["input_ids"], batch["pixel_values"]
 
     t = time.perf_counter()
     inputs = ours.prepare(**batch)

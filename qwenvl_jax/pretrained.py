@@ -46,17 +46,17 @@ class PretrainedModel:
     def module(self) -> Qwen25VL:
         return nnx.merge(self.graphdef, self.params)
 
-    def prepare(self, **batch) -> ModelInputs:
-        return prepare_inputs(self.config, **batch)
+    def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
+                position_ids=None, mm_token_type_ids=None) -> ModelInputs:
+        """HF-named batch (numpy or jax arrays) -> validated ModelInputs with MRoPE positions."""
+        del mm_token_type_ids  # transformers 5.x processor output; implied by input_ids here
+        return prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
+                              pixel_values_videos, video_grid_thw, second_per_grid_ts, position_ids)
 
-    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
-                 position_ids=None, mm_token_type_ids=None):
-        # mm_token_type_ids (transformers 5.x processor output) is implied by input_ids here.
-        del mm_token_type_ids
-        inputs = prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
-                                pixel_values_videos, video_grid_thw, second_per_grid_ts, position_ids)
-        return self.forward(inputs)
+    def __call__(self, **batch):
+        """logits [B, L, vocab] for an HF-named batch (see `prepare`)."""
+        return self.forward(self.prepare(**batch))
 
     def forward(self, inputs: ModelInputs):
         return _forward(self.graphdef, self.params, inputs.input_ids, inputs.position_ids,

@@ -31,3 +31,19 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(params=sorted(SHAPES))
 def shape(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def chat_checkpoint(tmp_path_factory):
+    """A complete tiny checkpoint (weights, config, tokenizer, chat template, preprocessor config)
+    as a user would download it; returns (path, HF model, special token ids)."""
+    from tiny_tokenizer import make_tiny_tokenizer, write_preprocessor_config
+
+    path = tmp_path_factory.mktemp("chat_ckpt")
+    ids = make_tiny_tokenizer(path)
+    write_preprocessor_config(path, min_pixels=3136, max_pixels=60_000)
+    tokens = {k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                  "vision_end_token_id")}
+    model = build_hf_model("untied_w112", tokens=tokens)
+    model.save_pretrained(path)
+    return path, model, ids

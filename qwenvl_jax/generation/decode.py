@@ -61,6 +61,12 @@ class GenerationOutput:
         return n / self.decode_s if self.decode_s > 0 else 0.0
 
 
+def check_context(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
+    if prompt_tokens + max_new_tokens > context:
+        raise ContextLengthError(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                                 f"the context length ({context})")
+
+
 def bucket(n: int, minimum: int = 16) -> int:
     """Rounds up to one of 4 sizes per power of two (<= 25% padding), at least `minimum`."""
     n = max(n, minimum)
@@ -150,10 +156,7 @@ def generate(model, inputs: ModelInputs, *, max_new_tokens: int, eos_token_ids, 
     real = inputs.segment_ids.sum(1)
     if int(real.min()) == 0:
         raise ValueError("empty prompt: every row needs at least one token")
-    longest = int(real.max())
-    if longest + max_new_tokens > cfg.max_position_embeddings:
-        raise ContextLengthError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                                 f"context length ({cfg.max_position_embeddings})")
+    check_context(int(real.max()), max_new_tokens, cfg.max_position_embeddings)
     # Left-pad to the length bucket; padding is segment 0 at position 0.
     lb = bucket(length)
     pad = lb - length

@@ -61,9 +61,19 @@ def top_p_filter(logits, p):
 
 
 def sample(logits, key, seen, *, temperature, top_k, top_p, repetition_penalty):
-    """logits [B, V] -> tokens [B] int32."""
-    logits = apply_repetition_penalty(logits.astype(jnp.float32), seen, repetition_penalty)
-    greedy = jnp.argmax(logits, axis=-1)
-    warped = top_p_filter(top_k_filter(logits / jnp.maximum(temperature, 1e-6), top_k), top_p)
-    sampled = jax.random.categorical(key, warped, axis=-1)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    """logits [B, V] -> tokens [B] int32.
+
+    Each stage sits behind a `lax.cond`, so a disabled stage (greedy, no penalty, no top-k/top-p)
+    costs nothing at run time: the sorts over the vocabulary only run when they are used.
+    """
+    logits = logits.astype(jnp.float32)
+    logits = jax.lax.cond(repetition_penalty != 1, lambda x: apply_repetition_penalty(x, seen, repetition_penalty),
+                          lambda x: x, logits)
+
+    def draw(x):
+        x = x / temperature
+        x = jax.lax.cond(top_k > 0, lambda y: top_k_filter(y, top_k), lambda y: y, x)
+        x = jax.lax.cond(top_p < 1, lambda y: top_p_filter(y, top_p), lambda y: y, x)
+        return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, draw, lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), logits)

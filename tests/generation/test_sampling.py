@@ -55,9 +55,12 @@ def test_repetition_penalty_matches_transformers():
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-6)
 
 
+_SAMPLE = jax.jit(sample)  # one compile; every knob is a traced value
+
+
 def _sample(params: SamplingParams, seed: int):
     seen = jnp.zeros(LOGITS.shape, bool)
-    return np.asarray(sample(jnp.asarray(LOGITS), jax.random.key(seed), seen, **params.as_arrays()))
+    return np.asarray(_SAMPLE(jnp.asarray(LOGITS), jax.random.key(seed), seen, **params.as_arrays()))
 
 
 def test_top_k_1_is_greedy_and_seed_reproduces():

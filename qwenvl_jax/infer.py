@@ -1,0 +1,167 @@
+"""python -m qwenvl_jax.infer: answer a prompt about images / a video with a Qwen2.5-VL checkpoint.
+
+    python -m qwenvl_jax.infer --checkpoint DIR --prompt "Describe the picture." --image cat.jpg
+    python -m qwenvl_jax.infer --checkpoint DIR --prompt "Locate the cat." --image cat.jpg --draw out.png
+    python -m qwenvl_jax.infer --checkpoint DIR --prompt "What happens?" --video clip.mp4 --stream
+
+Prints the answer (token by token with --stream). With --json the last stdout line is one JSON
+object: text, token_ids (generated ids), prompt_tokens, boxes (grounding output mapped to
+original-image pixels), prefill_s, decode_tokens_per_s, compile_s. Progress goes to stderr.
+Sampling defaults come from the checkpoint's generation_config.json; flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from qwenvl_jax.generation.sampling import SamplingParams
+
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_jax.infer", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="HF Qwen2.5-VL checkpoint directory")
+    ap.add_argument("--prompt", required=True, help="the user's question")
+    ap.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    ap.add_argument("--video", help="video file, animated GIF/WebP, or a directory of frames")
+    ap.add_argument("--system", help="system prompt (default: the chat template's)")
+    ap.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    ap.add_argument("--temperature", type=float, help="0 = greedy (default: generation_config.json)")
+    ap.add_argument("--top-p", type=float)
+    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--repetition-penalty", type=float)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--min-pixels", type=int, help="per-image pixel floor (default: the checkpoint's)")
+    ap.add_argument("--max-pixels", type=int, help="per-image pixel cap (default: the checkpoint's)")
+    ap.add_argument("--fps", type=float, default=2.0, help="video frames sampled per second")
+    ap.add_argument("--json", action="store_true", help="end stdout with one JSON line")
+    ap.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    ap.add_argument("--draw", metavar="OUT.png", help="write the first image with the predicted boxes")
+    return ap.parse_args(argv)
+
+
+def sampling_from(checkpoint: Path, args) -> tuple[SamplingParams, list[int] | None]:
+    """generation_config.json defaults (if any), overridden by flags; also its eos ids."""
+    gen = {}
+    if (checkpoint / "generation_config.json").is_file():
+        gen = json.loads((checkpoint / "generation_config.json").read_text())
+    greedy = not gen.get("do_sample", False)
+    temperature = args.temperature if args.temperature is not None else (0.0 if greedy else gen.get("temperature", 1.0))
+    params = SamplingParams(
+        temperature=float(temperature),
+        top_k=int(args.top_k if args.top_k is not None else (0 if greedy else gen.get("top_k") or 0)),
+        top_p=float(args.top_p if args.top_p is not None else (1.0 if greedy else gen.get("top_p") or 1.0)),
+        repetition_penalty=float(args.repetition_penalty if args.repetition_penalty is not None
+                                 else gen.get("repetition_penalty", 1.0)))
+    eos = gen.get("eos_token_id")
+    return params, ([eos] if isinstance(eos, int) else eos)
+
+
+def build_messages(args) -> list[dict]:
+    content = [{"type": "image", "image": p} for p in args.image]
+    if args.video:
+        content.append({"type": "video", "video": args.video})
+    content.append({"type": "text", "text": args.prompt})
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    return messages + [{"role": "user", "content": content}]
+
+
+class _Stream:
+    """Prints the decoded text as it grows (whole-prefix decode: byte-level BPE pieces can be partial)."""
+
+    def __init__(self, processor):
+        self.processor, self.ids, self.printed = processor, [], ""
+
+    def __call__(self, tokens):
+        self.ids.append(int(tokens[0]))
+        text = self.processor.decode(self.ids)
+        if not text.endswith("\ufffd") and len(text) > len(self.printed):
+            print(text[len(self.printed):], end="", flush=True)
+            self.printed = text
+
+
+def run(args) -> dict:
+    from qwenvl_jax.config import Qwen25VLConfig
+    from qwenvl_jax.generation.decode import check_context, generate
+    from qwenvl_jax.generation.grounding import draw_grounding, ground
+    from qwenvl_jax.pretrained import load_pretrained
+    from qwenvl_jax.processing.image import load_image
+    from qwenvl_jax.processing.processor import Processor
+    from qwenvl_jax.processing.video_io import read_video
+
+    checkpoint = Path(args.checkpoint)
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.draw and not args.image:
+        raise ValueError("--draw needs an --image to draw on")
+    sampling, gen_eos = sampling_from(checkpoint, args)
+    sampling.validate()
+
+    processor = Processor.from_pretrained(checkpoint)
+    images = [load_image(p) for p in args.image]  # fails early, naming the file
+    videos, fps = [], args.fps
+    if args.video:
+        frames, fps = read_video(args.video, fps=args.fps)
+        videos = [frames]
+    prompt = processor.apply_chat_template(build_messages(args), add_generation_prompt=True)
+    batch = processor(text=prompt, images=images or None, videos=videos or None, fps=fps,
+                      min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+
+    # Before the (slow) weight load: does the request fit the context?
+    config = Qwen25VLConfig.from_hf_file(checkpoint)
+    check_context(int(batch["attention_mask"].sum()), args.max_new_tokens, config.text.max_position_embeddings)
+
+    t = time.perf_counter()
+    print(f"loading {checkpoint} ({args.dtype})...", file=sys.stderr, flush=True)
+    model = load_pretrained(checkpoint, dtype=args.dtype)
+    print(f"loaded in {time.perf_counter() - t:.1f} s; compiling and generating...", file=sys.stderr, flush=True)
+    stream = _Stream(processor) if args.stream else None
+    out = generate(model, model.prepare(**batch), max_new_tokens=args.max_new_tokens,
+                   eos_token_ids=gen_eos or processor.eos_token_ids, pad_token_id=processor.pad_token_id,
+                   sampling=sampling, seed=args.seed, on_tokens=stream)
+    ids = out.token_ids[0]
+    text = processor.decode(ids)
+    if stream is not None:
+        print(text[len(stream.printed):], flush=True)
+    else:
+        print(text, flush=True)
+
+    boxes = []
+    if images:
+        gh, gw = batch["image_grid_thw"][0][1:]
+        resized = (int(gh) * processor.patch_size, int(gw) * processor.patch_size)
+        boxes = ground(text, (images[0].height, images[0].width), resized)
+        if args.draw:
+            draw_grounding(images[0], boxes, args.draw)
+            print(f"wrote {args.draw} ({len(boxes)} boxes/points)", file=sys.stderr)
+    return {"text": text, "token_ids": ids, "prompt_tokens": out.prompt_tokens[0], "boxes": boxes,
+            "prefill_s": round(out.prefill_s, 4), "decode_tokens_per_s": round(out.decode_tokens_per_s, 2),
+            "compile_s": round(out.compile_s, 2)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except (ValueError, OSError, KeyError) as e:  # user errors: one line, no traceback
+        if os.environ.get("QWENVL_DEBUG"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""python -m qwenvl_jax.infer: greedy output equals the reference; user errors are one line."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hf_reference import hf_greedy
+from qwenvl_jax import Processor, get_rope_index
+from qwenvl_jax.infer import main
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "pic.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (150, 220, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_greedy_json_matches_reference(chat_checkpoint, picture, capsys):
+    path, hf, ids = chat_checkpoint
+    code, out, err = _run(capsys, "--checkpoint", path, "--prompt", "What is this?", "--image", picture,
+                          "--max-new-tokens", 8, "--temperature", 0, "--dtype", "float32", "--json")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert set(result) >= {"text", "token_ids", "prompt_tokens", "boxes", "prefill_s", "decode_tokens_per_s",
+                           "compile_s"}
+    # Reference: the same prompt through the processor, greedy-decoded by transformers.
+    processor = Processor.from_pretrained(path)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    batch = processor(text=processor.apply_chat_template(msgs), images=[Image.open(picture)])
+    pos, _ = get_rope_index(batch["input_ids"], image_token_id=ids["image_token_id"],
+                            video_token_id=ids["video_token_id"], image_grid_thw=batch["image_grid_thw"])
+    ref = hf_greedy(hf, 8, input_ids=batch["input_ids"], position_ids=pos, pixel_values=batch["pixel_values"],
+                    image_grid_thw=batch["image_grid_thw"])
+    assert result["token_ids"] == ref[0].tolist()
+    assert result["prompt_tokens"] == batch["input_ids"].shape[1]
+    assert result["text"] == processor.decode(ref[0])
+    assert "loading" in err
+
+
+def test_stream_prints_the_same_text(chat_checkpoint, picture, capsys):
+    path = chat_checkpoint[0]
+    args = ["--checkpoint", path, "--prompt", "Hi", "--max-new-tokens", 6, "--temperature", 0, "--dtype", "float32"]
+    code, plain, _ = _run(capsys, *args)
+    code2, streamed, _ = _run(capsys, *args, "--stream")
+    assert code == code2 == 0 and plain == streamed
+
+
+def test_draw_writes_png(chat_checkpoint, picture, tmp_path, capsys):
+    out = tmp_path / "boxes.png"
+    code, _, err = _run(capsys, "--checkpoint", chat_checkpoint[0], "--prompt", "Locate it.", "--image", picture,
+                        "--max-new-tokens", 4, "--draw", out)
+    assert code == 0, err
+    assert Image.open(out).size == (220, 150)  # the original image, not the resized one
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--image", "{tmp}/missing.png"], "missing.png"),
+    (["--image", "{tmp}/corrupt.png"], "corrupt.png"),
+    (["--image", "{tmp}/notes.txt"], "notes.txt"),
+    (["--video", "{tmp}/missing.mp4"], "missing.mp4"),
+    (["--video", "{tmp}/notes.txt"], "notes.txt"),
+    (["--max-new-tokens", "5000"], "exceeds the context length (2048)"),
+    (["--prompt", "  "], "--prompt is empty"),
+    (["--temperature", "-1"], "temperature"),
+])
+def test_user_errors_are_one_line(chat_checkpoint, tmp_path, capsys, extra, needle):
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "notes.txt").write_text("hello")
+    argv = ["--checkpoint", str(chat_checkpoint[0]), "--prompt", "Hi", "--max-new-tokens", "2"]
+    argv += [a.format(tmp=tmp_path) for a in extra]
+    code, out, err = _run(capsys, *argv)
+    assert code == 1
+    assert err.strip().startswith("error:") and needle in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_module_entry_point(chat_checkpoint, tmp_path):
+    """The real command, as a user runs it: a missing checkpoint is one line and exit code 1."""
+    r = subprocess.run([sys.executable, "-m", "qwenvl_jax.infer", "--checkpoint", str(tmp_path / "nope"),
+                        "--prompt", "Hi"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "nope" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_video_greedy_matches_reference(chat_checkpoint, tmp_path, capsys):
+    """An animated GIF through the CLI: frames sampled at 2 fps, MRoPE time from the real rate."""
+    from qwenvl_jax.processing.video_io import read_video
+
+    path, hf, ids = chat_checkpoint
+    rng = np.random.default_rng(1)
+    frames = [Image.fromarray(rng.integers(0, 256, (112, 140, 3), dtype=np.uint8)) for _ in range(12)]
+    gif = tmp_path / "clip.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=250, loop=0)  # 4 fps, 3 s
+    code, out, err = _run(capsys, "--checkpoint", path, "--prompt", "What happens?", "--video", gif,
+                          "--max-new-tokens", 6, "--temperature", 0, "--dtype", "float32", "--json")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+
+    video, sample_fps = read_video(gif, fps=2.0)
+    assert len(video) == 6 and sample_fps == pytest.approx(2.0)
+    processor = Processor.from_pretrained(path)
+    msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    batch = processor(text=processor.apply_chat_template(msgs), videos=[video], fps=sample_fps)
+    pos, _ = get_rope_index(batch["input_ids"], image_token_id=ids["image_token_id"],
+                            video_token_id=ids["video_token_id"], video_grid_thw=batch["video_grid_thw"],
+                            second_per_grid_ts=batch["second_per_grid_ts"])
+    ref = hf_greedy(hf, 6, input_ids=batch["input_ids"], position_ids=pos,
+                    pixel_values_videos=batch["pixel_values_videos"], video_grid_thw=batch["video_grid_thw"])
+    assert result["token_ids"] == ref[0].tolist()
