@@ -3,11 +3,14 @@
     python -m qwenvl_jax.infer --checkpoint DIR --prompt "Describe the picture." --image cat.jpg
     python -m qwenvl_jax.infer --checkpoint DIR --prompt "Locate the cat." --image cat.jpg --draw out.png
     python -m qwenvl_jax.infer --checkpoint DIR --prompt "What happens?" --video clip.mp4 --stream
+    python -m qwenvl_jax.infer --checkpoint DIR --prompt ... --image a.jpg --mesh data=1,fsdp=2,tensor=4
 
 Prints the answer (token by token with --stream). With --json the last stdout line is one JSON
 object: text, token_ids (generated ids), prompt_tokens, boxes (grounding output mapped to
 original-image pixels), prefill_s, decode_tokens_per_s, compile_s. Progress goes to stderr.
 Sampling defaults come from the checkpoint's generation_config.json; flags override them.
+With --mesh the weights are loaded straight into their shards over all devices (of all
+processes, with --distributed or --coordinator...); only process 0 prints.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+
+from qwenvl_jax import distributed
 from qwenvl_jax.generation.sampling import SamplingParams
 
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -44,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", action="store_true", help="end stdout with one JSON line")
     ap.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     ap.add_argument("--draw", metavar="OUT.png", help="write the first image with the predicted boxes")
+    ap.add_argument("--mesh", metavar="data=A,fsdp=B,tensor=C",
+                    help="device mesh over all devices; one size may be -1 (default: one device)")
+    distributed.add_arguments(ap)
     return ap.parse_args(argv)
 
 
@@ -73,6 +82,12 @@ def build_messages(args) -> list[dict]:
     return messages + [{"role": "user", "content": content}]
 
 
+def say(*args, **kwargs) -> None:
+    """print() on process 0 only: every process of a multi-host run executes the same command."""
+    if distributed.is_main_process():
+        print(*args, **kwargs)
+
+
 class _Stream:
     """Prints the decoded text as it grows (whole-prefix decode: byte-level BPE pieces can be partial)."""
 
@@ -83,7 +98,7 @@ class _Stream:
         self.ids.append(int(tokens[0]))
         text = self.processor.decode(self.ids)
         if not text.endswith("\ufffd") and len(text) > len(self.printed):
-            print(text[len(self.printed):], end="", flush=True)
+            say(text[len(self.printed):], end="", flush=True)
             self.printed = text
 
 
@@ -95,6 +110,7 @@ def run(args) -> dict:
     from qwenvl_jax.processing.image import load_image
     from qwenvl_jax.processing.processor import Processor
     from qwenvl_jax.processing.video_io import read_video
+    from qwenvl_jax.sharding import Layout
 
     checkpoint = Path(args.checkpoint)
     if not args.prompt.strip():
@@ -119,11 +135,13 @@ def run(args) -> dict:
     # Before the (slow) weight load: does the request fit the context?
     config = Qwen25VLConfig.from_hf_file(checkpoint)
     check_context(int(batch["attention_mask"].sum()), args.max_new_tokens, config.text.max_position_embeddings)
+    layout = Layout.create(args.mesh)  # a mesh that does not fit the devices fails here, before loading
+    mesh_desc = ",".join(f"{a}={n}" for a, n in layout.mesh.shape.items())
 
     t = time.perf_counter()
-    print(f"loading {checkpoint} ({args.dtype})...", file=sys.stderr, flush=True)
-    model = load_pretrained(checkpoint, dtype=args.dtype)
-    print(f"loaded in {time.perf_counter() - t:.1f} s; compiling and generating...", file=sys.stderr, flush=True)
+    say(f"loading {checkpoint} ({args.dtype}, mesh {mesh_desc})...", file=sys.stderr, flush=True)
+    model = load_pretrained(checkpoint, dtype=args.dtype, mesh=layout)
+    say(f"loaded in {time.perf_counter() - t:.1f} s; compiling and generating...", file=sys.stderr, flush=True)
     stream = _Stream(processor) if args.stream else None
     out = generate(model, model.prepare(**batch), max_new_tokens=args.max_new_tokens,
                    eos_token_ids=gen_eos or processor.eos_token_ids, pad_token_id=processor.pad_token_id,
@@ -131,26 +149,28 @@ def run(args) -> dict:
     ids = out.token_ids[0]
     text = processor.decode(ids)
     if stream is not None:
-        print(text[len(stream.printed):], flush=True)
+        say(text[len(stream.printed):], flush=True)
     else:
-        print(text, flush=True)
+        say(text, flush=True)
 
     boxes = []
     if images:
         gh, gw = batch["image_grid_thw"][0][1:]
         resized = (int(gh) * processor.patch_size, int(gw) * processor.patch_size)
         boxes = ground(text, (images[0].height, images[0].width), resized)
-        if args.draw:
+        if args.draw and distributed.is_main_process():
             draw_grounding(images[0], boxes, args.draw)
-            print(f"wrote {args.draw} ({len(boxes)} boxes/points)", file=sys.stderr)
+            say(f"wrote {args.draw} ({len(boxes)} boxes/points)", file=sys.stderr)
     return {"text": text, "token_ids": ids, "prompt_tokens": out.prompt_tokens[0], "boxes": boxes,
             "prefill_s": round(out.prefill_s, 4), "decode_tokens_per_s": round(out.decode_tokens_per_s, 2),
-            "compile_s": round(out.compile_s, 2)}
+            "compile_s": round(out.compile_s, 2), "mesh": dict(layout.mesh.shape),
+            "processes": jax.process_count()}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        distributed.initialize_from_args(args)
         result = run(args)
     except (ValueError, OSError, KeyError) as e:  # user errors: one line, no traceback
         if os.environ.get("QWENVL_DEBUG"):
@@ -159,7 +179,7 @@ def main(argv=None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(result))
+        say(json.dumps(result))
     return 0
 
 

@@ -5,7 +5,8 @@
     model.save_pretrained("out/")                          # HF safetensors + config.json
 
 The NNX module is split once into (graphdef, params); the jitted forward is a pure function of
-params and inputs and merges inside.
+params and inputs and merges inside. With `mesh=` the params live sharded over the mesh (see
+sharding.py) and the forward is jitted with explicit in/out shardings.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from flax import nnx
 from qwenvl_jax.batch import ModelInputs, prepare_inputs
 from qwenvl_jax.config import ConfigError, Qwen25VLConfig
 from qwenvl_jax.model.qwen25vl import Qwen25VL
+from qwenvl_jax.model.vision_layout import VisionInputs
+from qwenvl_jax.sharding import Layout, MeshConfig, active, param_shardings
 from qwenvl_jax.weights.export import save_hf_checkpoint
 from qwenvl_jax.weights.load import load_params
 
@@ -37,10 +40,12 @@ def resolve_dtype(dtype):
 class PretrainedModel:
     """Qwen2.5-VL with its params. `model(**batch)` returns logits [B, L, vocab]."""
 
-    def __init__(self, config: Qwen25VLConfig, graphdef, params):
+    def __init__(self, config: Qwen25VLConfig, graphdef, params, layout: Layout | None = None):
         self.config = config
         self.graphdef = graphdef
         self.params = params
+        self.layout = (layout or Layout.create()).for_model(config)
+        self.param_shardings = param_shardings(params, self.layout)
 
     @property
     def module(self) -> Qwen25VL:
@@ -59,8 +64,14 @@ class PretrainedModel:
         return self.forward(self.prepare(**batch))
 
     def forward(self, inputs: ModelInputs):
-        return _forward(self.graphdef, self.params, inputs.input_ids, inputs.position_ids,
-                        inputs.segment_ids, inputs.vision)
+        """logits [B, L, vocab], sharded over (batch, -, vocab) of the model's layout."""
+        lay = self.layout
+        args = (lay.put(inputs.input_ids, BATCH), lay.put(inputs.position_ids, POSITIONS),
+                lay.put(inputs.segment_ids, BATCH), put_vision(lay, inputs.vision))
+        b, length = inputs.input_ids.shape
+        out = lay.sharding(("batch", "length", "vocab"), (b, length, self.config.text.vocab_size))
+        in_shardings = (self.param_shardings, *(jax.tree.map(lambda x: x.sharding, a) for a in args))
+        return _forward_fn(self.graphdef, lay, in_shardings, out)(self.params, *args)
 
     def save_pretrained(self, out_dir: str | Path, dtype: str | None = None,
                         max_shard_bytes: int = 5 * 2**30) -> Path:
@@ -69,21 +80,63 @@ class PretrainedModel:
                                   max_shard_bytes=max_shard_bytes)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(graphdef, params, input_ids, position_ids, segment_ids, vision):
-    return nnx.merge(graphdef, params)(input_ids, position_ids, segment_ids, vision)
+BATCH = ("batch", "length")
+POSITIONS = (None, "batch", "length")
 
 
-def load_pretrained(path: str | Path, dtype="bfloat16") -> PretrainedModel:
-    """Loads an HF Qwen2.5-VL checkpoint directory (config.json + safetensors)."""
+def put_vision(layout: Layout, vision: VisionInputs | None) -> VisionInputs | None:
+    """The vision tower's inputs, replicated: every device sees every image (its compute is split
+    by heads; the patch sequence of one batch is one packed sequence)."""
+    return None if vision is None else jax.tree.map(layout.put, vision)
+
+
+def _shardings_key(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple(leaves)
+
+
+@functools.lru_cache(maxsize=64)
+def _jit_forward(graphdef, layout, in_key, out_sharding):
+    in_shardings = jax.tree.unflatten(in_key[0], in_key[1])
+
+    def forward(params, input_ids, position_ids, segment_ids, vision):
+        with active(layout):
+            return nnx.merge(graphdef, params)(input_ids, position_ids, segment_ids, vision)
+
+    return jax.jit(forward, in_shardings=in_shardings, out_shardings=out_sharding)
+
+
+def _forward_fn(graphdef, layout, in_shardings, out_sharding):
+    return _jit_forward(graphdef, layout, _shardings_key(in_shardings), out_sharding)
+
+
+def make_layout(mesh: Layout | MeshConfig | str | None, rules=None) -> Layout:
+    if isinstance(mesh, Layout):
+        return mesh
+    return Layout.create(mesh, overrides=rules)
+
+
+def load_pretrained(path: str | Path, dtype="bfloat16", mesh=None, rules=None) -> PretrainedModel:
+    """Loads an HF Qwen2.5-VL checkpoint directory (config.json + safetensors).
+
+    mesh: None (one device), 'data=1,fsdp=2,tensor=4', a MeshConfig, a jax Mesh or a Layout; each
+    parameter is read straight into its shards. rules: overrides of sharding.DEFAULT_RULES.
+    """
     config = Qwen25VLConfig.from_hf_file(path)
     dt = resolve_dtype(dtype)
-    graphdef, params = load_params(path, config, param_dtype=dt)
-    return PretrainedModel(config, graphdef, params)
+    layout = make_layout(mesh, rules).for_model(config)
+    graphdef, params = load_params(path, config, param_dtype=dt, layout=layout)
+    return PretrainedModel(config, graphdef, params, layout)
 
 
-def init_model(config: Qwen25VLConfig, seed: int = 0, dtype="float32") -> PretrainedModel:
-    """Randomly initialised model (tests, training from scratch)."""
-    model = Qwen25VL(config, rngs=nnx.Rngs(seed), param_dtype=resolve_dtype(dtype))
-    graphdef, params = nnx.split(model)
-    return PretrainedModel(config, graphdef, params)
+def init_model(config: Qwen25VLConfig, seed: int = 0, dtype="float32", mesh=None, rules=None) -> PretrainedModel:
+    """Randomly initialised model (tests, training from scratch), created in its shards."""
+    layout = make_layout(mesh, rules).for_model(config)
+
+    def create():
+        return nnx.split(Qwen25VL(config, rngs=nnx.Rngs(seed), param_dtype=resolve_dtype(dtype)))[1]
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(
+        lambda: Qwen25VL(config, rngs=nnx.Rngs(seed), param_dtype=resolve_dtype(dtype))))
+    params = jax.jit(create, out_shardings=param_shardings(abstract, layout))()
+    return PretrainedModel(config, graphdef, params, layout)

@@ -27,10 +27,12 @@ def _run(capsys, *argv):
     return code, out, err
 
 
-def test_greedy_json_matches_reference(chat_checkpoint, picture, capsys):
+@pytest.mark.parametrize("mesh", [None, "data=2,fsdp=2,tensor=2"])
+def test_greedy_json_matches_reference(chat_checkpoint, picture, capsys, mesh):
     path, hf, ids = chat_checkpoint
     code, out, err = _run(capsys, "--checkpoint", path, "--prompt", "What is this?", "--image", picture,
-                          "--max-new-tokens", 8, "--temperature", 0, "--dtype", "float32", "--json")
+                          "--max-new-tokens", 8, "--temperature", 0, "--dtype", "float32", "--json",
+                          *(["--mesh", mesh] if mesh else []))
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     assert set(result) >= {"text", "token_ids", "prompt_tokens", "boxes", "prefill_s", "decode_tokens_per_s",
@@ -47,6 +49,7 @@ def test_greedy_json_matches_reference(chat_checkpoint, picture, capsys):
     assert result["prompt_tokens"] == batch["input_ids"].shape[1]
     assert result["text"] == processor.decode(ref[0])
     assert "loading" in err
+    assert result["mesh"] == ({"data": 2, "fsdp": 2, "tensor": 2} if mesh else {"data": 1, "fsdp": 1, "tensor": 1})
 
 
 def test_stream_prints_the_same_text(chat_checkpoint, picture, capsys):
@@ -74,6 +77,11 @@ def test_draw_writes_png(chat_checkpoint, picture, tmp_path, capsys):
     (["--max-new-tokens", "5000"], "exceeds the context length (2048)"),
     (["--prompt", "  "], "--prompt is empty"),
     (["--temperature", "-1"], "temperature"),
+    (["--mesh", "data=3"], "mesh data=3,fsdp=-1,tensor=1: 8 devices do not divide by 3"),
+    (["--mesh", "data=2,fsdp=2,tensor=4"], "needs 16 devices, but 8 are available"),
+    (["--mesh", "fsdp=two"], "size of 'fsdp' must be an integer"),
+    (["--mesh", "pipeline=2"], "expected NAME=SIZE"),
+    (["--num-processes", "2"], "--num-processes and --process-id go together"),
 ])
 def test_user_errors_are_one_line(chat_checkpoint, tmp_path, capsys, extra, needle):
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")

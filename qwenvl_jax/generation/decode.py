@@ -11,6 +11,9 @@
   + 1 + i on all three axes (SPEC 6.1), per row.
 * Executables are compiled ahead of time per input signature and cached, so compile time and the
   number of compilations are measured, not guessed.
+* Everything runs in the model's layout (sharding.py): inputs are placed as global arrays, both
+  steps are jitted with explicit in/out shardings (KV cache split over batch and kv heads), and
+  results are gathered to every process, so the same call works on one device or a pod.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from flax import nnx, struct
 from qwenvl_jax.batch import ModelInputs
 from qwenvl_jax.generation.sampling import SamplingParams, sample
 from qwenvl_jax.model.decoder import KVCache
+from qwenvl_jax.sharding import Layout, active, to_host
 
 
 class ContextLengthError(ValueError):
@@ -75,47 +79,75 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 class CompiledCache:
-    """jit + explicit compile per input signature; counts compilations and their time."""
+    """jit with explicit in/out shardings + ahead-of-time compile per input signature; counts
+    compilations and their time. In-shardings are those of the (committed) input arrays."""
 
     def __init__(self, fn, static_argnums=(), donate_argnums=()):
-        self._jit = jax.jit(fn, static_argnums=static_argnums, donate_argnums=donate_argnums)
-        self._static = set(static_argnums)
+        self._fn = fn
+        self._static = tuple(sorted(static_argnums))
+        self._donate = tuple(donate_argnums)
         self._compiled = {}
         self.compiles = 0
         self.compile_s = 0.0
 
-    def __call__(self, *args):
-        dynamic = [a for i, a in enumerate(args) if i not in self._static]
+    def __call__(self, *args, out_shardings):
+        dynamic = tuple(a for i, a in enumerate(args) if i not in self._static)
+        in_shardings = jax.tree.map(lambda x: x.sharding, dynamic)
         leaves, tree = jax.tree.flatten(dynamic)
-        key = (tuple(args[i] for i in sorted(self._static)), tree,
-               tuple((np.shape(x), str(getattr(x, "dtype", type(x).__name__))) for x in leaves))
+        out_leaves, out_tree = jax.tree.flatten(out_shardings)
+        key = (tuple(args[i] for i in self._static), tree, out_tree, tuple(out_leaves),
+               tuple((x.shape, x.dtype, x.sharding) for x in leaves))
         if key not in self._compiled:
             t = time.perf_counter()
-            self._compiled[key] = self._jit.lower(*args).compile()
+            jitted = jax.jit(self._fn, static_argnums=self._static, donate_argnums=self._donate,
+                             in_shardings=in_shardings, out_shardings=out_shardings)
+            self._compiled[key] = jitted.lower(*args).compile()
             self.compile_s += time.perf_counter() - t
             self.compiles += 1
         return self._compiled[key](*dynamic)
 
 
-def _prefill(graphdef, params, input_ids, position_ids, segment_ids, vision, cache, key, sampling, eos,
-             pad_id, max_new):
-    model = nnx.merge(graphdef, params)
-    logits, cache = model.prefill(input_ids, position_ids, segment_ids, vision, cache)
-    b, vocab = logits.shape
-    seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], input_ids].max(segment_ids > 0)
-    key, sub = jax.random.split(key)
-    first = sample(logits, sub, seen, **sampling)
-    done = jnp.isin(first, eos)
-    # Next position: one past the largest prompt position of each row (padding holds 0).
-    next_pos = jnp.max(jnp.where(segment_ids > 0, position_ids.max(0), -1), axis=1) + 1
-    tokens = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(first)
-    return DecodeState(cache=cache, last_token=first, next_position=next_pos.astype(jnp.int32), done=done,
-                       tokens=tokens, step=jnp.ones((), jnp.int32),
-                       seen=seen.at[jnp.arange(b), first].set(True), key=key)
+def _state_shardings(layout: Layout, cfg, batch: int, slots: int, max_new: int) -> DecodeState:
+    """Where each part of the decode state lives: rows over the batch axes, cache heads over kv_heads."""
+    kv = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
+    rows = layout.sharding(("batch",), (batch,))
+    return DecodeState(
+        cache=KVCache(k=layout.sharding(("layers", "batch", "length", "kv_heads", "head_dim"), kv),
+                      v=layout.sharding(("layers", "batch", "length", "kv_heads", "head_dim"), kv),
+                      segment_ids=layout.sharding(("batch", "length"), (batch, slots)),
+                      index=layout.replicated),
+        last_token=rows, next_position=rows, done=rows,
+        tokens=layout.sharding(("batch", "length"), (batch, max_new)), step=layout.replicated,
+        seen=layout.sharding(("batch", "vocab"), (batch, cfg.vocab_size)), key=layout.replicated)
 
 
-def _decode(graphdef, params, state: DecodeState, n_steps, sampling, eos, pad_id):
-    model = nnx.merge(graphdef, params)
+def _prefill(graphdef, layout, slots, max_new, params, input_ids, position_ids, segment_ids, vision, seed,
+             sampling, eos, pad_id):
+    with active(layout):
+        model = nnx.merge(graphdef, params)
+        b = input_ids.shape[0]
+        dtype = jax.tree.leaves(params)[0].dtype
+        cache = KVCache.empty(model.config.text, b, slots, dtype)
+        logits, cache = model.prefill(input_ids, position_ids, segment_ids, vision, cache)
+        vocab = logits.shape[-1]
+        seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], input_ids].max(segment_ids > 0)
+        key, sub = jax.random.split(jax.random.key(seed))
+        first = sample(logits, sub, seen, **sampling)
+        done = jnp.isin(first, eos)
+        # Next position: one past the largest prompt position of each row (padding holds 0).
+        next_pos = jnp.max(jnp.where(segment_ids > 0, position_ids.max(0), -1), axis=1) + 1
+        tokens = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(first)
+        return DecodeState(cache=cache, last_token=first, next_position=next_pos.astype(jnp.int32), done=done,
+                           tokens=tokens, step=jnp.ones((), jnp.int32),
+                           seen=seen.at[jnp.arange(b), first].set(True), key=key)
+
+
+def _decode(graphdef, layout, params, state: DecodeState, n_steps, sampling, eos, pad_id):
+    with active(layout):
+        return _decode_loop(nnx.merge(graphdef, params), state, n_steps, sampling, eos, pad_id)
+
+
+def _decode_loop(model, state: DecodeState, n_steps, sampling, eos, pad_id):
     limit = jnp.minimum(state.step + n_steps, state.tokens.shape[1])
 
     def cond(s):
@@ -136,8 +168,8 @@ def _decode(graphdef, params, state: DecodeState, n_steps, sampling, eos, pad_id
     return jax.lax.while_loop(cond, body, state)
 
 
-_PREFILL = CompiledCache(_prefill, static_argnums=(0, 11), donate_argnums=(6,))
-_DECODE = CompiledCache(_decode, static_argnums=(0,), donate_argnums=(2,))
+_PREFILL = CompiledCache(_prefill, static_argnums=(0, 1, 2, 3))
+_DECODE = CompiledCache(_decode, static_argnums=(0, 1), donate_argnums=(3,))
 
 
 def compile_stats() -> dict:
@@ -164,37 +196,44 @@ def generate(model, inputs: ModelInputs, *, max_new_tokens: int, eos_token_ids, 
     seg = np.pad(inputs.segment_ids, ((0, 0), (pad, 0)))
     pos = np.pad(inputs.position_ids, ((0, 0), (0, 0), (pad, 0)))
     slots = bucket(lb + max_new_tokens)
-    dtype = jax.tree.leaves(model.params)[0].dtype
-    cache = KVCache.empty(cfg, b, slots, dtype)
-    arrays = sampling.as_arrays()
-    eos = jnp.asarray(list(eos_token_ids), jnp.int32)
-    key = jax.random.key(seed)
+    lay = model.layout
+    put = lay.put
+    rows = ("batch", "length")
+    args = (put(ids, rows), put(pos, (None, *rows)), put(seg, rows),
+            None if inputs.vision is None else jax.tree.map(put, inputs.vision), put(np.uint32(seed)),
+            {k: put(v) for k, v in sampling.as_arrays().items()}, put(np.asarray(list(eos_token_ids), np.int32)),
+            put(np.int32(pad_token_id)))
+    sampling_args, eos, pad_arg = args[5:]
+    state_shardings = _state_shardings(lay, cfg, b, slots, max_new_tokens)
     compile_before = compile_stats()["compile_s"]
 
     t = time.perf_counter()
-    state = _PREFILL(model.graphdef, model.params, ids, pos, seg, inputs.vision, cache, key, arrays, eos,
-                     pad_token_id, max_new_tokens)
+    state = _PREFILL(model.graphdef, lay, slots, max_new_tokens, model.params, *args, out_shardings=state_shardings)
     jax.block_until_ready(state.last_token)
     compiled_prefill = compile_stats()["compile_s"] - compile_before
     prefill_s = time.perf_counter() - t - compiled_prefill
     if on_tokens is not None:
-        on_tokens(np.asarray(state.last_token))
+        on_tokens(to_host(state.last_token))
 
     t = time.perf_counter()
     steps = 1
+
+    def decode(state, n):
+        return _DECODE(model.graphdef, lay, model.params, state, put(np.int32(n)), sampling_args, eos, pad_arg,
+                       out_shardings=state_shardings)
+
     if on_tokens is None:
-        state = _DECODE(model.graphdef, model.params, state, jnp.int32(max_new_tokens), arrays, eos, pad_token_id)
-        jax.block_until_ready(state.step)
-        steps = int(state.step)
+        state = decode(state, max_new_tokens)
+        steps = int(to_host(state.step))
     else:
-        while steps < max_new_tokens and not bool(np.all(np.asarray(state.done))):
-            state = _DECODE(model.graphdef, model.params, state, jnp.int32(1), arrays, eos, pad_token_id)
-            on_tokens(np.asarray(state.last_token))
+        while steps < max_new_tokens and not bool(np.all(to_host(state.done))):
+            state = decode(state, 1)
+            on_tokens(to_host(state.last_token))
             steps += 1
     compile_total = compile_stats()["compile_s"] - compile_before
     decode_s = time.perf_counter() - t - (compile_total - compiled_prefill)
 
-    tokens = np.asarray(state.tokens)[:, :steps]
+    tokens = to_host(state.tokens)[:, :steps]
     eos_set = set(int(e) for e in eos_token_ids)
     token_ids = []
     for row in tokens.tolist():

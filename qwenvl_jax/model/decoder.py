@@ -15,6 +15,9 @@ from qwenvl_jax.config import TextConfig
 from qwenvl_jax.model.attention import attend
 from qwenvl_jax.model.layers import MLP, Embed, Linear, RMSNorm, scan_layers, stack_layers
 from qwenvl_jax.model.rope import apply_rotary, mrope_cos_sin
+from qwenvl_jax.sharding import constrain
+
+HIDDEN = ("batch", "length", "act_embed")
 
 
 @struct.dataclass
@@ -35,10 +38,12 @@ class Attention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         hd = cfg.head_dim
-        self.q_proj = Linear(cfg.hidden_size, cfg.num_attention_heads * hd, bias=True, **kw)
-        self.k_proj = Linear(cfg.hidden_size, cfg.num_key_value_heads * hd, bias=True, **kw)
-        self.v_proj = Linear(cfg.hidden_size, cfg.num_key_value_heads * hd, bias=True, **kw)
-        self.o_proj = Linear(cfg.num_attention_heads * hd, cfg.hidden_size, bias=False, **kw)
+        self.q_proj = Linear(cfg.hidden_size, cfg.num_attention_heads * hd, bias=True, axes=("embed", "heads"), **kw)
+        self.k_proj = Linear(cfg.hidden_size, cfg.num_key_value_heads * hd, bias=True, axes=("embed", "kv_heads"),
+                             **kw)
+        self.v_proj = Linear(cfg.hidden_size, cfg.num_key_value_heads * hd, bias=True, axes=("embed", "kv_heads"),
+                             **kw)
+        self.o_proj = Linear(cfg.num_attention_heads * hd, cfg.hidden_size, bias=False, axes=("heads", "embed"), **kw)
         self.head_dim = hd
 
     def __call__(self, x, cos, sin, segment_ids, cache=None):
@@ -48,6 +53,9 @@ class Attention(nnx.Module):
         k = self.k_proj(x).reshape(b, length, -1, self.head_dim)  # [B, L, K, hd]
         v = self.v_proj(x).reshape(b, length, -1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q = constrain(q, "batch", "length", "heads", "head_dim")
+        k = constrain(k, "batch", "length", "kv_heads", "head_dim")
+        v = constrain(v, "batch", "length", "kv_heads", "head_dim")
         if cache is None:
             out = attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True)
             return self.o_proj(out.reshape(b, length, -1)), None
@@ -71,7 +79,7 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin, segment_ids, cache=None):
         h, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, cache)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), new_cache
+        return constrain(x + self.mlp(self.post_attention_layernorm(x)), *HIDDEN), new_cache
 
 
 class TextModel(nnx.Module):
@@ -88,6 +96,7 @@ class TextModel(nnx.Module):
         Returns (hidden [B, L, D], updated cache or None).
         """
         cfg = self.cfg
+        x = constrain(x, *HIDDEN)
         cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, x.dtype)
         if cache is None:
             x, _ = scan_layers(self.layers, lambda layer, h, _: layer(h, cos, sin, segment_ids), x)

@@ -3,6 +3,7 @@
 Parameters are stored in `param_dtype`; each layer computes in `dtype` (None: the params' dtype),
 casting parameters at use so f32 master weights with bf16 compute work unchanged.
 Kernels are [in, out] (HF stores [out, in]; weights/hf_keys.py transposes).
+Every parameter carries its logical axis names (`axes` metadata, see sharding.py).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ def _cast(x, dtype):
 
 
 class Linear(nnx.Module):
-    def __init__(self, din: int, dout: int, *, bias: bool, rngs: nnx.Rngs,
+    def __init__(self, din: int, dout: int, *, bias: bool, axes: tuple[str, str], rngs: nnx.Rngs,
                  param_dtype=jnp.float32, dtype=None, init_std: float = 0.02):
-        self.kernel = nnx.Param(init_std * jax.random.normal(rngs.params(), (din, dout), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((dout,), param_dtype)) if bias else None
+        self.kernel = nnx.Param(init_std * jax.random.normal(rngs.params(), (din, dout), param_dtype),
+                                axes=tuple(axes))
+        self.bias = nnx.Param(jnp.zeros((dout,), param_dtype), axes=(axes[1],)) if bias else None
         self.dtype = dtype
 
     def __call__(self, x):  # [..., din] -> [..., dout]
@@ -35,7 +37,7 @@ class RMSNorm(nnx.Module):
     """x * rsqrt(mean(x^2) + eps) in f32, cast back to the input dtype, then times the weight."""
 
     def __init__(self, dim: int, *, eps: float, param_dtype=jnp.float32, dtype=None):
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
         self.eps = eps
         self.dtype = dtype
 
@@ -51,11 +53,11 @@ class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)). Biases in the vision tower, none in the LLM."""
 
     def __init__(self, dim: int, hidden: int, *, bias: bool, rngs: nnx.Rngs, param_dtype=jnp.float32,
-                 dtype=None):
+                 dtype=None, axes: tuple[str, str] = ("embed", "mlp")):
         kw = dict(bias=bias, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
-        self.gate_proj = Linear(dim, hidden, **kw)
-        self.up_proj = Linear(dim, hidden, **kw)
-        self.down_proj = Linear(hidden, dim, **kw)
+        self.gate_proj = Linear(dim, hidden, axes=axes, **kw)
+        self.up_proj = Linear(dim, hidden, axes=axes, **kw)
+        self.down_proj = Linear(hidden, dim, axes=axes[::-1], **kw)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -63,7 +65,8 @@ class MLP(nnx.Module):
 
 class Embed(nnx.Module):
     def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
-        self.embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (vocab, dim), param_dtype))
+        self.embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (vocab, dim), param_dtype),
+                                   axes=("vocab", "embed"))
         self.dtype = dtype
 
     def __call__(self, ids):  # [B, L] -> [B, L, D]
@@ -83,6 +86,11 @@ def stack_layers(make_layer, num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
     keys = jax.random.split(rngs.params(), num_layers)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: make_layer(nnx.Rngs(0))))
     states = jax.vmap(lambda k: nnx.state(make_layer(nnx.Rngs(k))))(keys)
+
+    def add_layer_axis(var):
+        return var.replace(var.value, axes=("layers", *var.get_metadata()["axes"]))
+
+    states = jax.tree.map(add_layer_axis, states, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.merge(graphdef, states)
 
 

@@ -10,6 +10,7 @@ from qwenvl_jax.model.decoder import KVCache, TextModel
 from qwenvl_jax.model.layers import Linear
 from qwenvl_jax.model.vision import VisionTransformer
 from qwenvl_jax.model.vision_layout import VisionInputs
+from qwenvl_jax.sharding import constrain
 
 
 class Qwen25VL(nnx.Module):
@@ -19,8 +20,8 @@ class Qwen25VL(nnx.Module):
         self.visual = VisionTransformer(config.vision, **kw)
         self.language_model = TextModel(config.text, **kw)
         t = config.text
-        self.lm_head = None if config.tie_word_embeddings else Linear(t.hidden_size, t.vocab_size,
-                                                                      bias=False, **kw)
+        self.lm_head = None if config.tie_word_embeddings else Linear(t.hidden_size, t.vocab_size, bias=False,
+                                                                      axes=("embed", "vocab"), **kw)
 
     def embed(self, input_ids, vision: VisionInputs | None):
         """Token embeddings [B, L, D] with vision features written into the placeholder rows."""
@@ -48,9 +49,8 @@ class Qwen25VL(nnx.Module):
         return self.logits(h), cache
 
     def logits(self, h):
-        if self.lm_head is None:
-            return self.language_model.embed_tokens.attend(h)
-        return self.lm_head(h)
+        out = self.language_model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        return constrain(out, "batch", *(["length"] if out.ndim == 3 else []), "vocab")
 
 
 def scatter_vision(x, input_ids, feats, image_token_id: int, video_token_id: int, num_image_tokens: int):

@@ -15,6 +15,7 @@ from qwenvl_jax.model.attention import attend
 from qwenvl_jax.model.layers import MLP, Linear, RMSNorm, scan_layers, stack_layers
 from qwenvl_jax.model.rope import apply_rotary, vision_cos_sin
 from qwenvl_jax.model.vision_layout import VisionInputs
+from qwenvl_jax.sharding import constrain
 
 VISION_EPS = 1e-6  # every vision RMSNorm, ln_q included (SPEC 10.9)
 
@@ -22,14 +23,15 @@ VISION_EPS = 1e-6  # every vision RMSNorm, ln_q included (SPEC 10.9)
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype):
         kw = dict(bias=True, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
-        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, **kw)  # rows q | k | v, head-major
-        self.proj = Linear(cfg.hidden_size, cfg.hidden_size, **kw)
+        # rows q | k | v, head-major; kept whole (see sharding.DEFAULT_RULES), heads split after.
+        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, axes=("vision_embed", "vision_qkv"), **kw)
+        self.proj = Linear(cfg.hidden_size, cfg.hidden_size, axes=("vision_heads", "vision_embed"), **kw)
         self.num_heads = cfg.num_heads
 
     def __call__(self, x, cos, sin, segment_ids, max_segment_len: int, aligned: bool = False):  # x [S, D]
         p, d = x.shape
         qkv = self.qkv(x).reshape(p, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [P, H, hd]
+        q, k, v = (constrain(qkv[:, i], "length", "vision_heads", "head_dim") for i in range(3))  # [P, H, hd]
         # Rotary in f32, back to the compute dtype (SPEC 3.2).
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(v.dtype)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(v.dtype)
@@ -45,7 +47,8 @@ class VisionBlock(nnx.Module):
         self.norm1 = RMSNorm(cfg.hidden_size, eps=VISION_EPS, **kw)
         self.norm2 = RMSNorm(cfg.hidden_size, eps=VISION_EPS, **kw)
         self.attn = VisionAttention(cfg, rngs=rngs, **kw)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=True, rngs=rngs, **kw)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=True, rngs=rngs,
+                       axes=("vision_embed", "vision_mlp"), **kw)
 
     def __call__(self, x, cos, sin, inputs: VisionInputs, is_full):
         h = self.norm1(x)
@@ -65,8 +68,8 @@ class PatchMerger(nnx.Module):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         width = cfg.hidden_size * cfg.merge_unit
         self.ln_q = RMSNorm(cfg.hidden_size, eps=VISION_EPS, param_dtype=param_dtype, dtype=dtype)
-        self.fc1 = Linear(width, width, bias=True, **kw)
-        self.fc2 = Linear(width, cfg.out_hidden_size, bias=True, **kw)
+        self.fc1 = Linear(width, width, bias=True, axes=("vision_embed", "vision_mlp"), **kw)
+        self.fc2 = Linear(width, cfg.out_hidden_size, bias=True, axes=("vision_mlp", "embed"), **kw)
         self.width = width
 
     def __call__(self, x):  # [P, D] -> [P/4, O]
@@ -79,7 +82,8 @@ class VisionTransformer(nnx.Module):
         kw = dict(param_dtype=param_dtype, dtype=dtype)
         self.cfg = cfg
         # Conv3d with kernel == stride over rows already flattened as (C, T, ph, pw): one matmul.
-        self.patch_embed = Linear(cfg.patch_dim, cfg.hidden_size, bias=False, rngs=rngs, **kw)
+        self.patch_embed = Linear(cfg.patch_dim, cfg.hidden_size, bias=False, axes=("patch", "vision_embed"),
+                                  rngs=rngs, **kw)
         self.blocks = stack_layers(lambda r: VisionBlock(cfg, rngs=r, **kw), cfg.depth, rngs)
         self.merger = PatchMerger(cfg, rngs=rngs, **kw)
 

@@ -54,15 +54,6 @@ def is_stacked(template: str) -> bool:
     return "{i}" in template
 
 
-def from_hf(tensor: np.ndarray, kind: str) -> np.ndarray:
-    """HF tensor -> our layout. Linear [out, in] -> [in, out]; Conv3d [D, C, T, p, p] -> [C*T*p*p, D]."""
-    if kind == LINEAR:
-        return tensor.T
-    if kind == CONV:
-        return tensor.reshape(tensor.shape[0], -1).T
-    return tensor
-
-
 def to_hf(value: np.ndarray, kind: str, hf_shape: tuple[int, ...]) -> np.ndarray:
     """Our layout -> HF tensor of `hf_shape`."""
     if kind in (LINEAR, CONV):

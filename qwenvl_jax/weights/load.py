@@ -1,25 +1,27 @@
 """Read an HF safetensors checkpoint (single file or sharded with an index) into our param tree.
 
-Tensors stream one at a time from memory-mapped files into device arrays; per-layer tensors are
-written into their slot of the stacked parameter with a donated in-place update, so peak host
-memory stays near the converted result plus one tensor (never two copies of the model).
+Each parameter is created directly in its sharded layout (`jax.make_array_from_callback`): every
+device's slice is read from disk on its own, so a process reads and holds only what its devices
+hold. Per-layer tensors are written into their slot of the stacked parameter with a donated
+in-place update, so host memory stays near one layer's local slice, never the model.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy; safetensors' numpy reader needs it)
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
 from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.model.qwen25vl import Qwen25VL
+from qwenvl_jax.sharding import Layout
 from qwenvl_jax.weights import hf_keys
+from qwenvl_jax.weights.safetensors_reader import SafetensorsFile, SafetensorsFormatError
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -52,12 +54,11 @@ class SafetensorsCheckpoint:
             if not file.is_file():
                 raise CheckpointError(f"{file}: listed in {INDEX_FILE} but missing")
             try:
-                handle = safe_open(str(file), framework="numpy")
-                keys = list(handle.keys())
-            except Exception as e:  # the library raises several types for a damaged file
+                handle = SafetensorsFile(file)
+            except (OSError, SafetensorsFormatError) as e:
                 raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
             self._handles[name] = handle
-            for key in keys:
+            for key in handle.keys():
                 self._where[hf_keys.canonical_name(key)] = (name, key)
 
     def keys(self) -> list[str]:
@@ -68,13 +69,14 @@ class SafetensorsCheckpoint:
 
     def shape(self, key: str) -> tuple[int, ...]:
         name, raw = self._where[key]
-        return tuple(self._handles[name].get_slice(raw).get_shape())
+        return self._handles[name].shape(raw)
 
-    def get(self, key: str) -> np.ndarray:
+    def get(self, key: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+        """tensor[index] (unit-step slices), read from disk."""
         name, raw = self._where[key]
         try:
-            return self._handles[name].get_tensor(raw)
-        except Exception as e:
+            return self._handles[name].read(raw, index)
+        except (OSError, SafetensorsFormatError) as e:
             raise CheckpointError(f"{self.path / name}: cannot read tensor {key!r} ({e})") from None
 
 
@@ -84,23 +86,35 @@ def abstract_model(config: Qwen25VLConfig, param_dtype=jnp.float32, dtype=None):
     return nnx.split(model)
 
 
-def _update_layer(stacked, layer, i):
-    return jax.lax.dynamic_update_index_in_dim(stacked, layer, i, 0)
+@functools.cache
+def _layer_setter(sharding):
+    """Writes one layer into a stacked parameter in place (donated), keeping its sharding."""
+    def update(stacked, layer, i):
+        return jax.lax.dynamic_update_index_in_dim(stacked, layer, i, 0)
+    return jax.jit(update, donate_argnums=0, out_shardings=sharding)
 
 
-# Donated: the stacked buffer is updated in place, one layer at a time.
-_set_layer = jax.jit(_update_layer, donate_argnums=0)
+def _hf_index(index: tuple[slice, ...], kind: str) -> tuple[slice, ...]:
+    """The slice of the HF tensor that holds our-layout slice `index` (for CONV: its D rows)."""
+    if kind == hf_keys.LINEAR:
+        return tuple(reversed(index))
+    if kind == hf_keys.CONV:
+        return (index[1],)
+    return index
 
 
-def load_params(path: str | Path, config: Qwen25VLConfig, *, param_dtype=jnp.float32, dtype=None):
-    """Returns (graphdef, state) with every parameter read from the checkpoint at `path`."""
+def load_params(path: str | Path, config: Qwen25VLConfig, *, param_dtype=jnp.float32, dtype=None,
+                layout: Layout | None = None):
+    """Returns (graphdef, state) with every parameter read from the checkpoint at `path`, each
+    placed in the sharding `layout` gives it (default: one device)."""
+    layout = (layout or Layout.create()).for_model(config)
     ckpt = SafetensorsCheckpoint(path)
     graphdef, abstract = abstract_model(config, param_dtype, dtype)
     v = config.vision
     patch_shape = (v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
     used: set[str] = set()
 
-    def read(name: str, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    def check(name: str, kind: str, shape: tuple[int, ...]) -> None:
         want = hf_keys.expected_hf_shape(shape, kind, patch_shape)
         if name not in ckpt:
             raise CheckpointError(f"{ckpt.path}: missing tensor {name!r} (expected shape {list(want)})")
@@ -109,18 +123,39 @@ def load_params(path: str | Path, config: Qwen25VLConfig, *, param_dtype=jnp.flo
             raise CheckpointError(f"{ckpt.path}: tensor {name!r} has shape {list(got)}, "
                                   f"expected {list(want)}")
         used.add(name)
-        return hf_keys.from_hf(ckpt.get(name), kind).astype(param_dtype)
 
-    def load_leaf(path, leaf):
+    def read_sharded(name: str, kind: str, shape: tuple[int, ...], sharding) -> jax.Array:
+        check(name, kind, shape)
+        cache = {}  # devices holding the same slice (replicas) share one read
+
+        def read(index):
+            index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+            key = tuple((s.start, s.stop) for s in index)
+            if key not in cache:
+                part = ckpt.get(name, _hf_index(index, kind))
+                if kind == hf_keys.CONV:  # [d, C, T, p, p] -> [C*T*p*p, d], then our row slice
+                    part = part.reshape(part.shape[0], -1).T[index[0]]
+                elif kind == hf_keys.LINEAR:
+                    part = part.T
+                cache[key] = np.ascontiguousarray(part, dtype=param_dtype)
+            return cache[key]
+
+        return jax.make_array_from_callback(shape, sharding, read)
+
+    def load_leaf(path, var):
         template, kind = hf_keys.hf_name(hf_keys.path_names(path))
+        axes, shape = var.get_metadata()["axes"], var.value.shape
+        sharding = layout.sharding(axes, shape)
         if not hf_keys.is_stacked(template):
-            return jnp.asarray(read(template, kind, leaf.shape))
-        stacked = jnp.zeros(leaf.shape, param_dtype)
-        for i in range(leaf.shape[0]):
-            stacked = _set_layer(stacked, read(template.format(i=i), kind, leaf.shape[1:]), i)
-        return stacked
+            return var.replace(read_sharded(template, kind, shape, sharding))
+        layer_sharding = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+        stacked, setter = jnp.zeros(shape, param_dtype, device=sharding), _layer_setter(sharding)
+        for i in range(shape[0]):
+            layer = read_sharded(template.format(i=i), kind, shape[1:], layer_sharding)
+            stacked = setter(stacked, layer, i)
+        return var.replace(stacked)
 
-    state = jax.tree_util.tree_map_with_path(load_leaf, abstract)
+    state = jax.tree.map_with_path(load_leaf, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
     unexpected = sorted(set(ckpt.keys()) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
     if unexpected:
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
