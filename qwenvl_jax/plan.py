@@ -2,7 +2,7 @@
 
     python -m qwenvl_jax.plan --model 72b --mesh fsdp=64,tensor=4 --seq-len 32768 --batch 64 --tpu v5p
     python -m qwenvl_jax.plan --model 7b --mesh fsdp=2,tensor=4 --seq-len 8192 --tpu v5e --mode infer
-    python -m qwenvl_jax.plan --model 7b --mesh tensor=4 --devices 32 --json
+    python -m qwenvl_jax.plan --model 7b --mesh fsdp=-1,tensor=4 --tpu v5p-64 --batch 8 --json  # 32 chips
 
 Prints bytes per chip for params, optimizer state, gradients and activations (train), or params,
 KV cache and activations (infer), and whether the total fits the TPU's HBM per chip.
