@@ -107,6 +107,9 @@ class TextConfig:
                f"{self.hidden_act!r} is not supported (Qwen2.5 uses 'silu')")
 
 
+ATTENTION_IMPLS = ("auto", "xla", "pallas")
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen25VLConfig:
     vision: VisionConfig = VisionConfig()
@@ -118,10 +121,15 @@ class Qwen25VLConfig:
     bos_token_id: int = 151643
     eos_token_id: int | tuple[int, ...] = 151645
     tie_word_embeddings: bool = False
+    # Runtime choice, not part of config.json: "auto" takes the Pallas kernels on TPU and XLA
+    # elsewhere; "pallas" off TPU runs them in interpret mode (slow; tests and checks).
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         self.vision.validate()
         self.text.validate()
+        _check(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
+               f"{self.attention_impl!r} is not one of {list(ATTENTION_IMPLS)}")
         _check(self.vision.out_hidden_size == self.text.hidden_size, "vision_config.out_hidden_size",
                f"{self.vision.out_hidden_size} must equal the text hidden_size {self.text.hidden_size}")
 

@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--draw", metavar="OUT.png", help="write the first image with the predicted boxes")
     ap.add_argument("--mesh", metavar="data=A,fsdp=B,tensor=C",
                     help="device mesh over all devices; one size may be -1 (default: one device)")
+    ap.add_argument("--attention", default="auto", choices=["auto", "xla", "pallas"],
+                    help="attention implementation: auto = Pallas kernels on TPU, XLA elsewhere")
     distributed.add_arguments(ap)
     return ap.parse_args(argv)
 
@@ -140,7 +142,7 @@ def run(args) -> dict:
 
     t = time.perf_counter()
     say(f"loading {checkpoint} ({args.dtype}, mesh {mesh_desc})...", file=sys.stderr, flush=True)
-    model = load_pretrained(checkpoint, dtype=args.dtype, mesh=layout)
+    model = load_pretrained(checkpoint, dtype=args.dtype, mesh=layout, attention_impl=args.attention)
     say(f"loaded in {time.perf_counter() - t:.1f} s; compiling and generating...", file=sys.stderr, flush=True)
     stream = _Stream(processor) if args.stream else None
     out = generate(model, model.prepare(**batch), max_new_tokens=args.max_new_tokens,

@@ -11,6 +11,7 @@ sharding.py) and the forward is jitted with explicit in/out shardings.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwenvl_jax.batch import ModelInputs, prepare_inputs
-from qwenvl_jax.config import ConfigError, Qwen25VLConfig
+from qwenvl_jax.config import ATTENTION_IMPLS, ConfigError, Qwen25VLConfig
 from qwenvl_jax.model.qwen25vl import Qwen25VL
 from qwenvl_jax.model.vision_layout import VisionInputs
 from qwenvl_jax.sharding import Layout, MeshConfig, active, param_shardings
@@ -116,21 +117,34 @@ def make_layout(mesh: Layout | MeshConfig | str | None, rules=None) -> Layout:
     return Layout.create(mesh, overrides=rules)
 
 
-def load_pretrained(path: str | Path, dtype="bfloat16", mesh=None, rules=None) -> PretrainedModel:
+def with_attention_impl(config: Qwen25VLConfig, attention_impl: str | None) -> Qwen25VLConfig:
+    if attention_impl is None:
+        return config
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ConfigError(f"attention_impl must be one of {list(ATTENTION_IMPLS)}, got {attention_impl!r}")
+    return dataclasses.replace(config, attention_impl=attention_impl)
+
+
+def load_pretrained(path: str | Path, dtype="bfloat16", mesh=None, rules=None,
+                    attention_impl: str | None = None) -> PretrainedModel:
     """Loads an HF Qwen2.5-VL checkpoint directory (config.json + safetensors).
 
     mesh: None (one device), 'data=1,fsdp=2,tensor=4', a MeshConfig, a jax Mesh or a Layout; each
     parameter is read straight into its shards. rules: overrides of sharding.DEFAULT_RULES.
+    attention_impl: "auto" (default: Pallas kernels on TPU, XLA elsewhere), "xla", or "pallas"
+    (interpret mode off TPU: slow, for checks).
     """
-    config = Qwen25VLConfig.from_hf_file(path)
+    config = with_attention_impl(Qwen25VLConfig.from_hf_file(path), attention_impl)
     dt = resolve_dtype(dtype)
     layout = make_layout(mesh, rules).for_model(config)
     graphdef, params = load_params(path, config, param_dtype=dt, layout=layout)
     return PretrainedModel(config, graphdef, params, layout)
 
 
-def init_model(config: Qwen25VLConfig, seed: int = 0, dtype="float32", mesh=None, rules=None) -> PretrainedModel:
+def init_model(config: Qwen25VLConfig, seed: int = 0, dtype="float32", mesh=None, rules=None,
+               attention_impl: str | None = None) -> PretrainedModel:
     """Randomly initialised model (tests, training from scratch), created in its shards."""
+    config = with_attention_impl(config, attention_impl)
     layout = make_layout(mesh, rules).for_model(config)
 
     def create():

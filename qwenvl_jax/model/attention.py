@@ -22,6 +22,18 @@ _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully-masked rows sta
 _MAX_BLOCK = 256
 
 
+def resolve_impl(impl: str) -> str:
+    """'auto' -> the Pallas kernels on TPU, XLA elsewhere."""
+    if impl == "auto":
+        return "pallas" if jax.default_backend() == "tpu" else "xla"
+    return impl
+
+
+def interpret_kernels() -> bool:
+    """Pallas TPU kernels run in interpret mode on other backends."""
+    return jax.default_backend() != "tpu"
+
+
 def attend(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, q_positions=None,
            kv_positions=None, max_segment_len: int | None = None, aligned: bool = False,
            scale: float | None = None):

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from qwenvl_jax.config import TextConfig
-from qwenvl_jax.model.attention import attend
+from qwenvl_jax.kernels.causal_attention import causal_attention
+from qwenvl_jax.model.attention import attend, interpret_kernels, resolve_impl
 from qwenvl_jax.model.layers import MLP, Embed, Linear, RMSNorm, scan_layers, stack_layers
 from qwenvl_jax.model.rope import apply_rotary, mrope_cos_sin
 from qwenvl_jax.sharding import constrain
@@ -35,7 +36,7 @@ class KVCache:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype):
+    def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, attention_impl: str = "auto"):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         hd = cfg.head_dim
         self.q_proj = Linear(cfg.hidden_size, cfg.num_attention_heads * hd, bias=True, axes=("embed", "heads"), **kw)
@@ -45,6 +46,7 @@ class Attention(nnx.Module):
                              **kw)
         self.o_proj = Linear(cfg.num_attention_heads * hd, cfg.hidden_size, bias=False, axes=("heads", "embed"), **kw)
         self.head_dim = hd
+        self.attention_impl = attention_impl
 
     def __call__(self, x, cos, sin, segment_ids, cache=None):
         """x [B, L, D]. cache: None, or (k [B, S, K, hd], v, kv_segment_ids [B, S], index)."""
@@ -56,8 +58,11 @@ class Attention(nnx.Module):
         q = constrain(q, "batch", "length", "heads", "head_dim")
         k = constrain(k, "batch", "length", "kv_heads", "head_dim")
         v = constrain(v, "batch", "length", "kv_heads", "head_dim")
-        if cache is None:
-            out = attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True)
+        if cache is None:  # a whole (packed) sequence: the training / scoring path
+            if resolve_impl(self.attention_impl) == "pallas":
+                out = causal_attention(q, k, v, segment_ids, interpret=interpret_kernels())
+            else:
+                out = attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True)
             return self.o_proj(out.reshape(b, length, -1)), None
         ck, cv, kv_segment_ids, index = cache
         ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
@@ -69,10 +74,10 @@ class Attention(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype):
+    def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, attention_impl: str = "auto"):
         kw = dict(param_dtype=param_dtype, dtype=dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
-        self.self_attn = Attention(cfg, rngs=rngs, **kw)
+        self.self_attn = Attention(cfg, rngs=rngs, attention_impl=attention_impl, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=False, rngs=rngs, **kw)
 
@@ -83,11 +88,13 @@ class DecoderLayer(nnx.Module):
 
 
 class TextModel(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None,
+                 attention_impl: str = "auto"):
         kw = dict(param_dtype=param_dtype, dtype=dtype)
         self.cfg = cfg
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw)
-        self.layers = stack_layers(lambda r: DecoderLayer(cfg, rngs=r, **kw), cfg.num_hidden_layers, rngs)
+        self.layers = stack_layers(lambda r: DecoderLayer(cfg, rngs=r, attention_impl=attention_impl, **kw),
+                                   cfg.num_hidden_layers, rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
 
     def __call__(self, x, position_ids, segment_ids, cache: KVCache | None = None):

@@ -17,8 +17,8 @@ class Qwen25VL(nnx.Module):
     def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.config = config
-        self.visual = VisionTransformer(config.vision, **kw)
-        self.language_model = TextModel(config.text, **kw)
+        self.visual = VisionTransformer(config.vision, attention_impl=config.attention_impl, **kw)
+        self.language_model = TextModel(config.text, attention_impl=config.attention_impl, **kw)
         t = config.text
         self.lm_head = None if config.tie_word_embeddings else Linear(t.hidden_size, t.vocab_size, bias=False,
                                                                       axes=("embed", "vocab"), **kw)

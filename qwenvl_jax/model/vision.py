@@ -11,52 +11,62 @@ import numpy as np
 from flax import nnx
 
 from qwenvl_jax.config import VisionConfig
-from qwenvl_jax.model.attention import attend
+from qwenvl_jax.kernels import window_attention as kernel
+from qwenvl_jax.model.attention import attend, interpret_kernels, resolve_impl
 from qwenvl_jax.model.layers import MLP, Linear, RMSNorm, scan_layers, stack_layers
 from qwenvl_jax.model.rope import apply_rotary, vision_cos_sin
 from qwenvl_jax.model.vision_layout import VisionInputs
 from qwenvl_jax.sharding import constrain
 
 VISION_EPS = 1e-6  # every vision RMSNorm, ln_q included (SPEC 10.9)
+VISION_BLOCK = 128  # rows per block of the Pallas kernel: two 64-patch windows
 
 
 class VisionAttention(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype):
+    def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype, attention_impl: str = "auto"):
         kw = dict(bias=True, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         # rows q | k | v, head-major; kept whole (see sharding.DEFAULT_RULES), heads split after.
         self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, axes=("vision_embed", "vision_qkv"), **kw)
         self.proj = Linear(cfg.hidden_size, cfg.hidden_size, axes=("vision_heads", "vision_embed"), **kw)
         self.num_heads = cfg.num_heads
+        self.attention_impl = attention_impl
 
-    def __call__(self, x, cos, sin, segment_ids, max_segment_len: int, aligned: bool = False):  # x [S, D]
+    def __call__(self, x, cos, sin, segment_ids, max_segment_len: int, aligned: bool = False,
+                 ranges=None):  # x [S, D]; ranges: the Pallas kernel's block ranges of segment_ids
         p, d = x.shape
         qkv = self.qkv(x).reshape(p, 3, self.num_heads, d // self.num_heads)
         q, k, v = (constrain(qkv[:, i], "length", "vision_heads", "head_dim") for i in range(3))  # [P, H, hd]
         # Rotary in f32, back to the compute dtype (SPEC 3.2).
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(v.dtype)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(v.dtype)
-        seg = segment_ids[None]
-        out = attend(q[None], k[None], v[None], q_segment_ids=seg, kv_segment_ids=seg, causal=False,
-                     max_segment_len=max_segment_len, aligned=aligned)[0]
+        if resolve_impl(self.attention_impl) == "pallas":  # heads-first [H, S, hd]; padding rows -> 0
+            out = kernel.segment_attention(q.transpose(1, 0, 2), k.transpose(1, 0, 2), v.transpose(1, 0, 2),
+                                           segment_ids, max_segment_len=max_segment_len, ranges=ranges,
+                                           block=VISION_BLOCK, interpret=interpret_kernels()).transpose(1, 0, 2)
+        else:
+            seg = segment_ids[None]
+            out = attend(q[None], k[None], v[None], q_segment_ids=seg, kv_segment_ids=seg, causal=False,
+                         max_segment_len=max_segment_len, aligned=aligned)[0]
         return self.proj(out.reshape(p, d))
 
 
 class VisionBlock(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype):
+    def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype, attention_impl: str = "auto"):
         kw = dict(param_dtype=param_dtype, dtype=dtype)
         self.norm1 = RMSNorm(cfg.hidden_size, eps=VISION_EPS, **kw)
         self.norm2 = RMSNorm(cfg.hidden_size, eps=VISION_EPS, **kw)
-        self.attn = VisionAttention(cfg, rngs=rngs, **kw)
+        self.attn = VisionAttention(cfg, rngs=rngs, attention_impl=attention_impl, **kw)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=True, rngs=rngs,
                        axes=("vision_embed", "vision_mlp"), **kw)
 
-    def __call__(self, x, cos, sin, inputs: VisionInputs, is_full):
+    def __call__(self, x, cos, sin, inputs: VisionInputs, is_full, ranges=(None, None)):
         h = self.norm1(x)
         # Full-attention blocks see each whole frame group, the others one window (SPEC 3.4).
         h = jax.lax.cond(
             is_full,
-            lambda: self.attn(h, cos, sin, inputs.full_segment_ids, inputs.max_full_len),
-            lambda: self.attn(h, cos, sin, inputs.window_segment_ids, inputs.window_len, aligned=True))
+            lambda: self.attn(h, cos, sin, inputs.full_segment_ids, inputs.max_full_len, ranges=ranges[0]),
+            lambda: self.attn(h, cos, sin, inputs.window_segment_ids, inputs.window_len, aligned=True,
+                              ranges=ranges[1]))
         x = x + h
         return x + self.mlp(self.norm2(x))
 
@@ -78,13 +88,16 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTransformer(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None,
+                 attention_impl: str = "auto"):
         kw = dict(param_dtype=param_dtype, dtype=dtype)
         self.cfg = cfg
+        self.attention_impl = attention_impl
         # Conv3d with kernel == stride over rows already flattened as (C, T, ph, pw): one matmul.
         self.patch_embed = Linear(cfg.patch_dim, cfg.hidden_size, bias=False, axes=("patch", "vision_embed"),
                                   rngs=rngs, **kw)
-        self.blocks = stack_layers(lambda r: VisionBlock(cfg, rngs=r, **kw), cfg.depth, rngs)
+        self.blocks = stack_layers(lambda r: VisionBlock(cfg, rngs=r, attention_impl=attention_impl, **kw),
+                                   cfg.depth, rngs)
         self.merger = PatchMerger(cfg, rngs=rngs, **kw)
 
     def __call__(self, inputs: VisionInputs):  # -> [U, O] in the processor's (raster) order
@@ -95,9 +108,13 @@ class VisionTransformer(nnx.Module):
         x = units[inputs.unit_index].reshape(-1, d)  # [S, D] slots in window order
         cos, sin = vision_cos_sin(inputs.rotary_pos, cfg.head_dim, cfg.rope_theta)
         is_full = jnp.asarray(np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes))
+        ranges = (None, None)
+        if resolve_impl(self.attention_impl) == "pallas":  # block ranges once, shared by every layer
+            ranges = (kernel.segment_ranges(inputs.full_segment_ids, VISION_BLOCK),
+                      kernel.segment_ranges(inputs.window_segment_ids, VISION_BLOCK))
 
         def body(block, x, full):
-            return block(x, cos, sin, inputs, full), None
+            return block(x, cos, sin, inputs, full, ranges), None
 
         x, _ = scan_layers(self.blocks, body, x, is_full)
         return self.merger(x)[inputs.reverse_index]
