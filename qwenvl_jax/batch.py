@@ -11,7 +11,7 @@ import numpy as np
 from flax import struct
 
 from qwenvl_jax.config import Qwen25VLConfig
-from qwenvl_jax.model.vision_layout import VisionInputs, vision_inputs
+from qwenvl_jax.model.vision_layout import VisionInputs, stack_rows, token_index, vision_inputs
 from qwenvl_jax.processing.rope_index import get_rope_index
 
 
@@ -21,7 +21,8 @@ class ModelInputs:
     position_ids: np.ndarray  # [3, B, L] int32
     segment_ids: np.ndarray  # [B, L] int32: 1 for tokens, 0 for padding
     rope_deltas: np.ndarray  # [B] int32
-    vision: VisionInputs | None = None
+    vision: VisionInputs | None = None  # one vision row shared by the batch, or one per row (packed)
+    vision_token_index: np.ndarray | None = None  # [B, L] feature index per token, -1 for text
 
 
 def _array(x, name, ndim=None, dtype=None):
@@ -85,12 +86,14 @@ def prepare_inputs(
         valid = np.where(mask != 0, position_ids.max(0), -1)
         deltas = (valid.max(1) + 1 - (mask != 0).sum(1)).astype(np.int32)
 
-    vision = None
+    vision = index = None
     present = [(pv, g) for pv, g in items if pv is not None]
     if present:
         pv = np.concatenate([p for p, _ in present]).astype(np.float32, copy=False)
         grids = np.concatenate([g for _, g in present])
-        n_image_items = 0 if items[0][1] is None else len(items[0][1])
-        vision = vision_inputs(pv, grids, config.vision, num_image_items=n_image_items)
+        vision = stack_rows([vision_inputs(pv, grids, config.vision)], merge_unit=config.vision.merge_unit)
+        image_units = 0 if items[0][1] is None else int(np.prod(items[0][1], axis=1).sum()) // config.vision.merge_unit
+        index = np.where(mask != 0, token_index(ids, config.image_token_id, config.video_token_id, image_units), -1)
     return ModelInputs(input_ids=ids.astype(np.int32), position_ids=position_ids.astype(np.int32),
-                       segment_ids=(mask != 0).astype(np.int32), rope_deltas=deltas, vision=vision)
+                       segment_ids=(mask != 0).astype(np.int32), rope_deltas=deltas, vision=vision,
+                       vision_token_index=None if index is None else index.astype(np.int32))

@@ -68,7 +68,8 @@ class PretrainedModel:
         """logits [B, L, vocab], sharded over (batch, -, vocab) of the model's layout."""
         lay = self.layout
         args = (lay.put(inputs.input_ids, BATCH), lay.put(inputs.position_ids, POSITIONS),
-                lay.put(inputs.segment_ids, BATCH), put_vision(lay, inputs.vision))
+                lay.put(inputs.segment_ids, BATCH), put_vision(lay, inputs.vision),
+                put_optional(lay, inputs.vision_token_index, BATCH))
         b, length = inputs.input_ids.shape
         out = lay.sharding(("batch", "length", "vocab"), (b, length, self.config.text.vocab_size))
         in_shardings = (self.param_shardings, *(jax.tree.map(lambda x: x.sharding, a) for a in args))
@@ -86,9 +87,15 @@ POSITIONS = (None, "batch", "length")
 
 
 def put_vision(layout: Layout, vision: VisionInputs | None) -> VisionInputs | None:
-    """The vision tower's inputs, replicated: every device sees every image (its compute is split
-    by heads; the patch sequence of one batch is one packed sequence)."""
-    return None if vision is None else jax.tree.map(layout.put, vision)
+    """The vision tower's inputs with their rows over the batch axes (one shared row, as in
+    inference, is replicated)."""
+    if vision is None:
+        return None
+    return jax.tree.map(lambda x: layout.put(x, ("batch",) + (None,) * (x.ndim - 1)), vision)
+
+
+def put_optional(layout: Layout, x, names):
+    return None if x is None else layout.put(x, names)
 
 
 def _shardings_key(tree):
@@ -100,9 +107,9 @@ def _shardings_key(tree):
 def _jit_forward(graphdef, layout, in_key, out_sharding):
     in_shardings = jax.tree.unflatten(in_key[0], in_key[1])
 
-    def forward(params, input_ids, position_ids, segment_ids, vision):
+    def forward(params, input_ids, position_ids, segment_ids, vision, vision_token_index):
         with active(layout):
-            return nnx.merge(graphdef, params)(input_ids, position_ids, segment_ids, vision)
+            return nnx.merge(graphdef, params)(input_ids, position_ids, segment_ids, vision, vision_token_index)
 
     return jax.jit(forward, in_shardings=in_shardings, out_shardings=out_sharding)
 

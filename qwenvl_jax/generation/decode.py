@@ -30,6 +30,7 @@ from flax import nnx, struct
 from qwenvl_jax.batch import ModelInputs
 from qwenvl_jax.generation.sampling import SamplingParams, sample
 from qwenvl_jax.model.decoder import KVCache
+from qwenvl_jax.pretrained import put_optional, put_vision
 from qwenvl_jax.sharding import Layout, active, to_host
 
 
@@ -121,14 +122,14 @@ def _state_shardings(layout: Layout, cfg, batch: int, slots: int, max_new: int) 
         seen=layout.sharding(("batch", "vocab"), (batch, cfg.vocab_size)), key=layout.replicated)
 
 
-def _prefill(graphdef, layout, slots, max_new, params, input_ids, position_ids, segment_ids, vision, seed,
-             sampling, eos, pad_id):
+def _prefill(graphdef, layout, slots, max_new, params, input_ids, position_ids, segment_ids, vision, token_index,
+             seed, sampling, eos, pad_id):
     with active(layout):
         model = nnx.merge(graphdef, params)
         b = input_ids.shape[0]
         dtype = jax.tree.leaves(params)[0].dtype
         cache = KVCache.empty(model.config.text, b, slots, dtype)
-        logits, cache = model.prefill(input_ids, position_ids, segment_ids, vision, cache)
+        logits, cache = model.prefill(input_ids, position_ids, segment_ids, vision, token_index, cache)
         vocab = logits.shape[-1]
         seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], input_ids].max(segment_ids > 0)
         key, sub = jax.random.split(jax.random.key(seed))
@@ -199,11 +200,13 @@ def generate(model, inputs: ModelInputs, *, max_new_tokens: int, eos_token_ids, 
     lay = model.layout
     put = lay.put
     rows = ("batch", "length")
-    args = (put(ids, rows), put(pos, (None, *rows)), put(seg, rows),
-            None if inputs.vision is None else jax.tree.map(put, inputs.vision), put(np.uint32(seed)),
+    index = None if inputs.vision_token_index is None else np.pad(inputs.vision_token_index, ((0, 0), (pad, 0)),
+                                                                  constant_values=-1)
+    args = (put(ids, rows), put(pos, (None, *rows)), put(seg, rows), put_vision(lay, inputs.vision),
+            put_optional(lay, index, rows), put(np.uint32(seed)),
             {k: put(v) for k, v in sampling.as_arrays().items()}, put(np.asarray(list(eos_token_ids), np.int32)),
             put(np.int32(pad_token_id)))
-    sampling_args, eos, pad_arg = args[5:]
+    sampling_args, eos, pad_arg = args[6:]
     state_shardings = _state_shardings(lay, cfg, b, slots, max_new_tokens)
     compile_before = compile_stats()["compile_s"]
 

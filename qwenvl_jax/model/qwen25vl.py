@@ -23,23 +23,30 @@ class Qwen25VL(nnx.Module):
         self.lm_head = None if config.tie_word_embeddings else Linear(t.hidden_size, t.vocab_size, bias=False,
                                                                       axes=("embed", "vocab"), **kw)
 
-    def embed(self, input_ids, vision: VisionInputs | None):
-        """Token embeddings [B, L, D] with vision features written into the placeholder rows."""
+    def embed(self, input_ids, vision: VisionInputs | None, vision_token_index=None):
+        """Token embeddings [B, L, D] with vision features written into the placeholder rows:
+        token (b, l) takes feature vision_token_index[b, l] of vision row b (or of the only row)."""
         x = self.language_model.embed_tokens(input_ids)
         if vision is None:
             return x
-        feats = self.visual(vision).astype(x.dtype)  # [U, D]: image tokens, then video tokens
-        return scatter_vision(x, input_ids, feats, self.config.image_token_id,
-                              self.config.video_token_id, vision.num_image_tokens)
+        feats = self.visual(vision).astype(x.dtype)  # [R, U, D], R = 1 or B
+        return scatter_vision(x, feats, vision_token_index)
 
-    def __call__(self, input_ids, position_ids, segment_ids, vision: VisionInputs | None = None):
+    def __call__(self, input_ids, position_ids, segment_ids, vision: VisionInputs | None = None,
+                 vision_token_index=None):
         """input_ids [B, L]; position_ids [3, B, L]; segment_ids [B, L] (0 = padding) -> logits [B, L, V]."""
-        h, _ = self.language_model(self.embed(input_ids, vision), position_ids, segment_ids)
-        return self.logits(h)
+        return self.logits(self.hidden(input_ids, position_ids, segment_ids, vision, vision_token_index))
 
-    def prefill(self, input_ids, position_ids, segment_ids, vision: VisionInputs | None, cache: KVCache):
+    def hidden(self, input_ids, position_ids, segment_ids, vision=None, vision_token_index=None):
+        """Final normed hidden states [B, L, D] (the loss computes logits in chunks from these)."""
+        h, _ = self.language_model(self.embed(input_ids, vision, vision_token_index), position_ids, segment_ids)
+        return h
+
+    def prefill(self, input_ids, position_ids, segment_ids, vision: VisionInputs | None, vision_token_index,
+                cache: KVCache):
         """Writes the prompt into the cache; returns (logits of the last position [B, V], cache)."""
-        h, cache = self.language_model(self.embed(input_ids, vision), position_ids, segment_ids, cache)
+        x = self.embed(input_ids, vision, vision_token_index)
+        h, cache = self.language_model(x, position_ids, segment_ids, cache)
         return self.logits(h[:, -1]), cache
 
     def decode(self, tokens, position_ids, cache: KVCache):
@@ -53,12 +60,11 @@ class Qwen25VL(nnx.Module):
         return constrain(out, "batch", *(["length"] if out.ndim == 3 else []), "vocab")
 
 
-def scatter_vision(x, input_ids, feats, image_token_id: int, video_token_id: int, num_image_tokens: int):
-    """Fills image placeholders with feats[:num_image_tokens] and video placeholders with the rest,
-    each in row-major order over the batch (as masked_scatter does). Counts are checked on the host."""
-    b, length, d = x.shape
-    ids = input_ids.reshape(-1)
-    is_img, is_vid = ids == image_token_id, ids == video_token_id
-    idx = jnp.where(is_img, jnp.cumsum(is_img) - 1, jnp.cumsum(is_vid) - 1 + num_image_tokens)
-    rows = feats[jnp.clip(idx, 0, feats.shape[0] - 1)]
-    return jnp.where((is_img | is_vid)[:, None], rows, x.reshape(-1, d)).reshape(b, length, d)
+def scatter_vision(x, feats, index):
+    """x [B, L, D]; feats [R, U, D] with R = B (row b's features) or R = 1 (shared by all rows);
+    index [B, L]: the feature each token takes, -1 for none. Index arrays are built and checked
+    on the host (vision_layout.token_index, the data pipeline's packer)."""
+    if feats.shape[0] != x.shape[0]:
+        feats = jnp.broadcast_to(feats, (x.shape[0], *feats.shape[1:]))
+    rows = jnp.take_along_axis(feats, jnp.clip(index, 0, feats.shape[1] - 1)[..., None], axis=1)
+    return jnp.where((index >= 0)[..., None], rows, x)

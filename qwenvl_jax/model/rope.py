@@ -19,14 +19,14 @@ def apply_rotary(x, cos, sin):
 
 
 def vision_cos_sin(pos, head_dim: int, theta: float):
-    """pos [P, 2] (row, col) -> cos, sin [P, head_dim] in f32 (SPEC 3.2).
+    """pos [..., P, 2] (row, col) -> cos, sin [..., P, head_dim] in f32 (SPEC 3.2).
 
     inv_freq has head_dim/4 entries; angles are [row*inv | col*inv], duplicated for the two halves.
     """
     quarter = head_dim // 4
     inv_freq = 1.0 / theta ** (jnp.arange(0, 2 * quarter, 2, dtype=jnp.float32) / (2 * quarter))
-    ang = pos.astype(jnp.float32)[..., None] * inv_freq  # [P, 2, quarter]
-    ang = jnp.concatenate([ang[:, 0], ang[:, 1]], axis=-1)  # [P, head_dim/2]
+    ang = pos.astype(jnp.float32)[..., None] * inv_freq  # [..., P, 2, quarter]
+    ang = jnp.concatenate([ang[..., 0, :], ang[..., 1, :]], axis=-1)  # [..., P, head_dim/2]
     emb = jnp.concatenate([ang, ang], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 

@@ -16,6 +16,7 @@ from qwenvl_jax.model.attention import attend, interpret_kernels, resolve_impl
 from qwenvl_jax.model.layers import MLP, Linear, RMSNorm, scan_layers, stack_layers
 from qwenvl_jax.model.rope import apply_rotary, vision_cos_sin
 from qwenvl_jax.model.vision_layout import VisionInputs
+from qwenvl_jax.processing.image import CLIP_MEAN, CLIP_STD
 from qwenvl_jax.sharding import constrain
 
 VISION_EPS = 1e-6  # every vision RMSNorm, ln_q included (SPEC 10.9)
@@ -32,22 +33,31 @@ class VisionAttention(nnx.Module):
         self.attention_impl = attention_impl
 
     def __call__(self, x, cos, sin, segment_ids, max_segment_len: int, aligned: bool = False,
-                 ranges=None):  # x [S, D]; ranges: the Pallas kernel's block ranges of segment_ids
-        p, d = x.shape
-        qkv = self.qkv(x).reshape(p, 3, self.num_heads, d // self.num_heads)
-        q, k, v = (constrain(qkv[:, i], "length", "vision_heads", "head_dim") for i in range(3))  # [P, H, hd]
+                 ranges=None):  # x [R, S, D] rows of slots; ranges: the kernel's block ranges
+        r, p, d = x.shape
+        qkv = self.qkv(x).reshape(r, p, 3, self.num_heads, d // self.num_heads)
+        q, k, v = (constrain(qkv[:, :, i], "batch", "length", "vision_heads", "head_dim") for i in range(3))
         # Rotary in f32, back to the compute dtype (SPEC 3.2).
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(v.dtype)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(v.dtype)
-        if resolve_impl(self.attention_impl) == "pallas":  # heads-first [H, S, hd]; padding rows -> 0
-            out = kernel.segment_attention(q.transpose(1, 0, 2), k.transpose(1, 0, 2), v.transpose(1, 0, 2),
-                                           segment_ids, max_segment_len=max_segment_len, ranges=ranges,
-                                           block=VISION_BLOCK, interpret=interpret_kernels()).transpose(1, 0, 2)
+        if resolve_impl(self.attention_impl) == "pallas":
+            # Rows folded into one sequence (their segment ids made distinct), heads first: [H, R*S, hd].
+            fold = lambda t: t.reshape(r * p, *t.shape[2:]).transpose(1, 0, 2)  # noqa: E731
+            out = kernel.segment_attention(fold(q), fold(k), fold(v), fold_segments(segment_ids),
+                                           max_segment_len=max_segment_len, ranges=ranges, block=VISION_BLOCK,
+                                           interpret=interpret_kernels())
+            out = out.transpose(1, 0, 2).reshape(r, p, *out.shape[::2])  # padding rows are zeros
         else:
-            seg = segment_ids[None]
-            out = attend(q[None], k[None], v[None], q_segment_ids=seg, kv_segment_ids=seg, causal=False,
-                         max_segment_len=max_segment_len, aligned=aligned)[0]
-        return self.proj(out.reshape(p, d))
+            out = attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=False,
+                         max_segment_len=max_segment_len, aligned=aligned)
+        return self.proj(out.reshape(r, p, d))
+
+
+def fold_segments(segment_ids):
+    """[R, S] per-row segment ids -> [R*S] ids distinct across rows (0 stays padding)."""
+    r, s = segment_ids.shape
+    offset = (jnp.arange(r, dtype=jnp.int32) * (s + 1))[:, None]
+    return jnp.where(segment_ids > 0, segment_ids + offset, 0).reshape(-1)
 
 
 class VisionBlock(nnx.Module):
@@ -82,8 +92,8 @@ class PatchMerger(nnx.Module):
         self.fc2 = Linear(width, cfg.out_hidden_size, bias=True, axes=("vision_mlp", "embed"), **kw)
         self.width = width
 
-    def __call__(self, x):  # [P, D] -> [P/4, O]
-        y = self.ln_q(x).reshape(-1, self.width)
+    def __call__(self, x):  # [R, S, D] -> [R, S/4, O]
+        y = self.ln_q(x).reshape(*x.shape[:-2], -1, self.width)
         return self.fc2(jax.nn.gelu(self.fc1(y), approximate=False))
 
 
@@ -100,21 +110,35 @@ class VisionTransformer(nnx.Module):
                                    cfg.depth, rngs)
         self.merger = PatchMerger(cfg, rngs=rngs, **kw)
 
-    def __call__(self, inputs: VisionInputs):  # -> [U, O] in the processor's (raster) order
+    def __call__(self, inputs: VisionInputs):  # -> [R, U, O] per row, in the processor's (raster) order
         cfg = self.cfg
-        x = self.patch_embed(inputs.pixel_values)  # [P, D]
-        mu, d = cfg.merge_unit, x.shape[-1]
-        units = jnp.concatenate([x.reshape(-1, mu, d), jnp.zeros((1, mu, d), x.dtype)])  # + padding unit
-        x = units[inputs.unit_index].reshape(-1, d)  # [S, D] slots in window order
+        pixels = inputs.pixel_values
+        if pixels.dtype == jnp.uint8:  # raw patches from the data pipeline: normalize on device
+            pixels = normalize_patches(pixels, cfg)
+        x = self.patch_embed(pixels)  # [R, P, D]
+        r, mu, d = x.shape[0], cfg.merge_unit, x.shape[-1]
+        units = jnp.concatenate([x.reshape(r, -1, mu, d), jnp.zeros((r, 1, mu, d), x.dtype)], axis=1)  # + padding
+        x = jnp.take_along_axis(units, inputs.unit_index[:, :, None, None], axis=1).reshape(r, -1, d)  # [R, S, D]
+        x = constrain(x, "batch", "length", "act_embed")
         cos, sin = vision_cos_sin(inputs.rotary_pos, cfg.head_dim, cfg.rope_theta)
         is_full = jnp.asarray(np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes))
         ranges = (None, None)
         if resolve_impl(self.attention_impl) == "pallas":  # block ranges once, shared by every layer
-            ranges = (kernel.segment_ranges(inputs.full_segment_ids, VISION_BLOCK),
-                      kernel.segment_ranges(inputs.window_segment_ids, VISION_BLOCK))
+            ranges = (kernel.segment_ranges(fold_segments(inputs.full_segment_ids), VISION_BLOCK),
+                      kernel.segment_ranges(fold_segments(inputs.window_segment_ids), VISION_BLOCK))
 
         def body(block, x, full):
             return block(x, cos, sin, inputs, full, ranges), None
 
         x, _ = scan_layers(self.blocks, body, x, is_full)
-        return self.merger(x)[inputs.reverse_index]
+        merged = self.merger(x)  # [R, S/4, O]
+        return jnp.take_along_axis(merged, inputs.reverse_index[:, :, None], axis=1)
+
+
+def normalize_patches(pixels, cfg: VisionConfig):
+    """uint8 patches [..., C*T*p*p] (channel-major, as the processor flattens them) -> the
+    processor's normalized float32: (x / 255 - mean[c]) / std[c]."""
+    per_channel = cfg.patch_dim // cfg.in_channels
+    mean = jnp.repeat(jnp.asarray(CLIP_MEAN, jnp.float32), per_channel)
+    std = jnp.repeat(jnp.asarray(CLIP_STD, jnp.float32), per_channel)
+    return (pixels.astype(jnp.float32) * (1 / 255) - mean) / std

@@ -28,12 +28,58 @@ class VisionInputs:
     window_segment_ids: np.ndarray  # [S] one id per window, 1-based; 0 = padding
     full_segment_ids: np.ndarray  # [S] one id per (item, temporal slice), 1-based; 0 = padding
     window_len: int = struct.field(pytree_node=False)  # patches per padded window (static)
-    max_full_len: int = struct.field(pytree_node=False)  # longest slot span of one temporal slice
-    num_image_tokens: int = struct.field(pytree_node=False)  # merged rows that belong to images
+    max_full_len: int = struct.field(pytree_node=False)  # bound on the slot span of one temporal slice
 
     @property
     def num_tokens(self) -> int:
-        return self.reverse_index.shape[0]
+        return self.reverse_index.shape[-1]
+
+
+def stack_rows(rows: list[VisionInputs], patches: int | None = None, slots: int | None = None,
+               merge_unit: int = 4) -> VisionInputs:
+    """Stacks per-row layouts into the model's batched form (leading row axis R), padded to
+    `patches` patches and `slots` slots per row (default: the largest row). Padding patches are
+    zeros, padding slots have segment id 0, and padding units point at a padding slot; the
+    model never reads their outputs. Packed training uses fixed budgets, so shapes (and the
+    static max_full_len, set to the slot budget) never change between batches."""
+    p = max([r.pixel_values.shape[0] for r in rows] + [patches or 0])
+    s = max([r.window_segment_ids.shape[0] for r in rows] + [slots or 0])
+    mu = merge_unit
+    u = p // mu
+    if patches is not None and p > patches or slots is not None and s > slots:
+        raise ValueError(f"vision rows need {p} patches / {s} slots, over the budget {patches} / {slots}")
+
+    def pad(x, n, fill=0):
+        return np.concatenate([x, np.full((n - x.shape[0], *x.shape[1:]), fill, x.dtype)])
+
+    out = []
+    for r in rows:
+        units = r.reverse_index.shape[0]
+        unit_index = np.where(r.unit_index >= units, u, r.unit_index)  # padding unit: one past the end
+        out.append(dict(pixel_values=pad(r.pixel_values, p), unit_index=pad(unit_index, s // mu, u),
+                        reverse_index=pad(r.reverse_index, u, s // mu - 1), rotary_pos=pad(r.rotary_pos, s),
+                        window_segment_ids=pad(r.window_segment_ids, s), full_segment_ids=pad(r.full_segment_ids, s)))
+    arrays = {k: np.stack([o[k] for o in out]) for k in out[0]}
+    max_full = s if slots is not None else max(r.max_full_len for r in rows)
+    return VisionInputs(**arrays, window_len=rows[0].window_len, max_full_len=max_full)
+
+
+def empty_row(cfg: VisionConfig) -> VisionInputs:
+    """A row without images or videos (all padding), for packed batches."""
+    return VisionInputs(pixel_values=np.zeros((0, cfg.patch_dim), np.float32), unit_index=np.zeros((0,), np.int32),
+                        reverse_index=np.zeros((0,), np.int32), rotary_pos=np.zeros((0, 2), np.int32),
+                        window_segment_ids=np.zeros((0,), np.int32), full_segment_ids=np.zeros((0,), np.int32),
+                        window_len=cfg.window_patches, max_full_len=1)
+
+
+def token_index(input_ids: np.ndarray, image_token_id: int, video_token_id: int, num_image_units: int) -> np.ndarray:
+    """[B, L] index of the vision feature each placeholder token takes (-1 for other tokens):
+    image placeholders take the image features in order, video placeholders the video features
+    after them, both counted row-major over the batch (as transformers' masked_scatter does)."""
+    flat = np.asarray(input_ids).reshape(-1)
+    is_img, is_vid = flat == image_token_id, flat == video_token_id
+    idx = np.where(is_img, np.cumsum(is_img) - 1, np.where(is_vid, np.cumsum(is_vid) - 1 + num_image_units, -1))
+    return idx.reshape(np.shape(input_ids)).astype(np.int32)
 
 
 def rotary_positions(grid_thw, merge: int) -> np.ndarray:
@@ -74,13 +120,9 @@ def window_index(grid_thw, cfg: VisionConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(index), np.concatenate(unit_window)
 
 
-def vision_inputs(pixel_values, grid_thw, cfg: VisionConfig, num_image_items: int | None = None
-                  ) -> VisionInputs:
-    """Builds VisionInputs for the items of `grid_thw` (images first, then videos).
-
-    num_image_items: how many leading grids are images (the rest are videos); their merged
-    tokens come first in the output and fill the image placeholders.
-    """
+def vision_inputs(pixel_values, grid_thw, cfg: VisionConfig) -> VisionInputs:
+    """Builds one row's VisionInputs for the items of `grid_thw`; the tower's output has each
+    item's merged tokens in this order (raster order inside an item)."""
     grid_thw = np.asarray(grid_thw, np.int64).reshape(-1, 3)
     pixel_values = np.asarray(pixel_values)
     mu = cfg.merge_unit
@@ -123,7 +165,6 @@ def vision_inputs(pixel_values, grid_thw, cfg: VisionConfig, num_image_items: in
     pos = np.arange(len(full_seg))
     np.minimum.at(first, full_seg, pos)
     np.maximum.at(last, full_seg, pos)
-    n_img = len(grid_thw) if num_image_items is None else num_image_items
     return VisionInputs(
         pixel_values=pixel_values,
         unit_index=unit_index.astype(np.int32),
@@ -133,5 +174,4 @@ def vision_inputs(pixel_values, grid_thw, cfg: VisionConfig, num_image_items: in
         full_segment_ids=full_seg.astype(np.int32),
         window_len=cfg.window_patches,
         max_full_len=int((last[1:] - first[1:]).max()) + 1,
-        num_image_tokens=int(np.prod(grid_thw[:n_img], axis=1).sum()) // mu,
     )

@@ -138,10 +138,15 @@ def patchify(frames: np.ndarray, *, patch_size: int = 14, merge_size: int = 2,
 
 
 def preprocess_image(image, *, min_pixels: int, max_pixels: int, patch_size: int = 14, merge_size: int = 2,
-                     temporal_patch_size: int = 2, image_mean=CLIP_MEAN,
-                     image_std=CLIP_STD) -> tuple[np.ndarray, np.ndarray]:
-    """One image -> (pixel_values float32 [gh*gw, 3*T*p*p], grid_thw int64 [3] = (1, gh, gw))."""
+                     temporal_patch_size: int = 2, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+                     raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """One image -> (pixel_values float32 [gh*gw, 3*T*p*p], grid_thw int64 [3] = (1, gh, gw)).
+
+    raw: uint8 patches, not normalized (the training pipeline normalizes on device: 4x less host
+    memory and transfer).
+    """
     image = load_image(image)
     h, w = smart_resize(image.height, image.width, patch_size * merge_size, min_pixels, max_pixels)
-    frames = normalize(resize(image, h, w), image_mean, image_std)[None]  # [1, 3, H, W]
+    pixels = resize(image, h, w)
+    frames = (np.moveaxis(pixels, -1, -3) if raw else normalize(pixels, image_mean, image_std))[None]  # [1, 3, H, W]
     return patchify(frames, patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size)

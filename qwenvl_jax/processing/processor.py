@@ -126,17 +126,17 @@ class Processor:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def _vision(self, items, fn, min_pixels, max_pixels):
+    def _vision(self, items, fn, min_pixels, max_pixels, raw=False):
         outs = [fn(x, min_pixels=min_pixels, max_pixels=max_pixels, patch_size=self.patch_size,
                    merge_size=self.merge_size, temporal_patch_size=self.temporal_patch_size,
-                   image_mean=self.image_mean, image_std=self.image_std) for x in items]
+                   image_mean=self.image_mean, image_std=self.image_std, raw=raw) for x in items]
         pixel_values = np.concatenate([pv for pv, _ in outs])  # [P, C*T*p*p]
         grid_thw = np.stack([g for _, g in outs])  # [n, 3]
         return pixel_values, grid_thw, (grid_thw.prod(1) // self.merge_size**2).tolist()
 
     def __call__(self, text: str | list[str], images=None, videos=None, *, fps: float | list[float] = 2.0,
                  padding_side: str = "left", min_pixels: int | None = None,
-                 max_pixels: int | None = None) -> dict[str, np.ndarray]:
+                 max_pixels: int | None = None, raw_pixels: bool = False) -> dict[str, np.ndarray]:
         """Prompts (with one pad token per image/video) + media -> dict of numpy arrays, HF key names.
 
         images: one image or a list (path / PIL / uint8 [H, W, 3]), in row-major order over the batch.
@@ -144,6 +144,7 @@ class Processor:
         fps: the frame rate of the given frames, one value or one per video; it only sets
         second_per_grid_ts = temporal_patch_size / fps.
         min_pixels / max_pixels override the checkpoint's limits for this call (images and videos).
+        raw_pixels: uint8 patches, not normalized (normalized on device by the model).
         """
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
@@ -159,11 +160,11 @@ class Processor:
         out, img_tokens, vid_tokens = {}, [], []
         if images:
             pv, grid, img_tokens = self._vision(images, preprocess_image, min_pixels or self.min_pixels,
-                                                max_pixels or self.max_pixels)
+                                                max_pixels or self.max_pixels, raw_pixels)
             out.update(pixel_values=pv, image_grid_thw=grid)
         if videos:
             pv, grid, vid_tokens = self._vision(videos, preprocess_video, min_pixels or self.video_min_pixels,
-                                                max_pixels or self.video_max_pixels)
+                                                max_pixels or self.video_max_pixels, raw_pixels)
             fps = [fps] * len(videos) if np.isscalar(fps) else list(fps)
             if len(fps) != len(videos):
                 raise ValueError(f"fps has {len(fps)} values for {len(videos)} videos")

@@ -14,9 +14,9 @@ from qwenvl_jax.processing.image import CLIP_MEAN, CLIP_STD, load_image, normali
 
 
 def preprocess_video(frames, *, min_pixels: int, max_pixels: int, patch_size: int = 14, merge_size: int = 2,
-                     temporal_patch_size: int = 2, image_mean=CLIP_MEAN,
-                     image_std=CLIP_STD) -> tuple[np.ndarray, np.ndarray]:
-    """frames: list of PIL images / uint8 [H, W, 3] arrays, or uint8 [F, H, W, 3].
+                     temporal_patch_size: int = 2, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+                     raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """frames: list of PIL images / uint8 [H, W, 3] arrays, or uint8 [F, H, W, 3]. raw: uint8 patches.
 
     Returns (pixel_values_videos float32 [gt*gh*gw, 3*T*p*p], grid_thw int64 [3] = (gt, gh, gw)),
     gt = ceil(F / T): an odd frame count repeats the last frame.
@@ -26,5 +26,5 @@ def preprocess_video(frames, *, min_pixels: int, max_pixels: int, patch_size: in
         raise ValueError("a video needs at least one frame")
     h, w = smart_resize(images[0].height, images[0].width, patch_size * merge_size, min_pixels, max_pixels)
     pixels = np.stack([resize(im, h, w) for im in images])  # [F, H, W, 3] uint8
-    return patchify(normalize(pixels, image_mean, image_std), patch_size=patch_size, merge_size=merge_size,
-                    temporal_patch_size=temporal_patch_size)
+    frames = np.moveaxis(pixels, -1, -3) if raw else normalize(pixels, image_mean, image_std)
+    return patchify(frames, patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hf_reference import TOKENS, hf_logits, rel_err
-from qwenvl_jax.model.vision_layout import vision_inputs
+from qwenvl_jax.model.vision_layout import stack_rows, vision_inputs
 from qwenvl_jax.pretrained import load_pretrained
 from qwenvl_jax.processing.rope_index import get_rope_index
 
@@ -111,8 +111,8 @@ def test_vision_tower_alone(models):
     pv = _pixels(rng, grids)
     with torch.no_grad():
         ref = hf.model.visual(torch.tensor(pv), grid_thw=torch.tensor(grids)).pooler_output.numpy()
-    vi = vision_inputs(pv, grids, ours.config.vision)
-    got = jax.jit(lambda v: ours.module.visual(v))(vi)
+    vi = stack_rows([vision_inputs(pv, grids, ours.config.vision)])
+    got = jax.jit(lambda v: ours.module.visual(v))(vi)[0]
     assert rel_err(got, ref) <= 1e-5
 
 
@@ -140,7 +140,7 @@ def test_pallas_impl_runs_the_kernels(tiny_checkpoint):
     for impl in ("xla", "pallas"):
         model = load_pretrained(path, dtype="float32", attention_impl=impl)
         inputs = model.prepare(input_ids=ids, pixel_values=_pixels(rng, [grid]), image_grid_thw=np.array([grid]))
-        jaxpr = jax.make_jaxpr(lambda p, i: model.module(i.input_ids, i.position_ids, i.segment_ids, i.vision))(
-            model.params, inputs)
+        jaxpr = jax.make_jaxpr(lambda p, i: model.module(i.input_ids, i.position_ids, i.segment_ids, i.vision,
+                                                         i.vision_token_index))(model.params, inputs)
         counts[impl] = str(jaxpr).count("pallas_call")
     assert counts["xla"] == 0 and counts["pallas"] >= 3  # full + window ViT kernels, splash in the decoder

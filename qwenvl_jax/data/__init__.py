@@ -1,0 +1,1 @@
+"""Training data: record formats, random-access sources, media loading (host side, no jax)."""

@@ -1,0 +1,255 @@
+"""Random-access record sources for grain (JSONL, ArrayRecord) and media loading with skip reasons.
+
+Sources return raw bytes and never parse: a malformed record must become a counted DataError in
+the transform, not an exception inside grain's reader. `to_conversation` turns either source's
+bytes into a Conversation, and `open_media` loads its images and videos.
+
+    source = JsonlSource("train.jsonl")                  # or ArrayRecordSource("train.arrayrecord")
+    conversation = to_conversation(source[i], data_root="/data")
+    media = open_media(conversation)
+    batch = processor(text=..., images=media.images or None, videos=media.videos or None, fps=media.fps)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import operator
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from qwenvl_jax.data.formats import (BAD_FORMAT, CORRUPT_IMAGE, CORRUPT_VIDEO, MALFORMED_JSON, MISSING_IMAGE,
+                                     MISSING_VIDEO, Conversation, DataError, MediaBlob, media_references,
+                                     parse_record)
+from qwenvl_jax.processing.image import ImageLoadError, load_image
+from qwenvl_jax.processing.video_io import VideoLoadError, read_video
+
+# ArrayRecord payload: MAGIC, uint32 little-endian header length, JSON header, the media blobs back
+# to back. The leading NUL can never start a JSON line, so raw bytes tell their format apart.
+MAGIC = b"\x00QVL1"
+_LEN = struct.Struct("<I")
+
+
+class JsonlSource:
+    """A JSONL file as a grain random-access source: item i is the i-th non-blank line, as bytes.
+
+    Line byte offsets are found by one scan at construction; pickling (for grain worker processes)
+    carries only the path and the offsets, and each process opens the file on first read.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        starts, ends, pos = [], [], 0
+        with open(self.path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    starts.append(pos)
+                    ends.append(pos + len(line.rstrip(b"\r\n")))
+                pos += len(line)
+        self._spans = np.stack([np.asarray(starts, np.int64), np.asarray(ends, np.int64)], axis=1)  # [N, 2]
+        self._fd = None
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def __getitem__(self, index) -> bytes:
+        i = operator.index(index)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"record {i} out of range for {len(self)} records in {self.path}")
+        start, end = self._spans[i].tolist()
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return os.pread(self._fd, end - start, start)  # positionless read: safe across threads
+
+    def __getstate__(self):
+        return {"path": self.path, "_spans": self._spans, "_fd": None}
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            try:
+                os.close(self._fd)
+            except (OSError, TypeError):  # at interpreter exit `os` may already be torn down
+                pass
+
+    def __repr__(self) -> str:
+        return f"JsonlSource({self.path!r}, records={len(self)})"
+
+
+def parse_line(line: bytes | str) -> dict:
+    """One JSONL line -> record dict; DataError(malformed_json) if it is not JSON, bad_format if not an object."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(MALFORMED_JSON, f"not valid JSON: {e}") from None
+    if not isinstance(record, dict):
+        raise DataError(BAD_FORMAT, f"a record must be a JSON object, got {type(record).__name__}")
+    return record
+
+
+# ------------------------------------------------------------------------------------------ ArrayRecord
+
+def encode_record(record: dict, media: dict[str, bytes], missing: dict[str, str] | None = None) -> bytes:
+    """Record + media bytes by reference (+ references absent at conversion, with why) -> one payload."""
+    header = {"record": record, "media": [[ref, len(data)] for ref, data in media.items()],
+              "missing": missing or {}}
+    head = json.dumps(header, ensure_ascii=False).encode()
+    return b"".join([MAGIC, _LEN.pack(len(head)), head, *media.values()])
+
+
+def decode_record(blob: bytes) -> tuple[dict, dict[str, bytes]]:
+    """An ArrayRecord payload -> (record, media bytes by reference). Missing media are simply absent."""
+    blob = memoryview(blob)
+    n = len(MAGIC) + _LEN.size
+    if len(blob) < n or bytes(blob[:len(MAGIC)]) != MAGIC:
+        raise DataError(BAD_FORMAT, "not a qwenvl_jax ArrayRecord payload (bad magic)")
+    (size,) = _LEN.unpack(blob[len(MAGIC):n])
+    try:
+        header = json.loads(bytes(blob[n:n + size]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(MALFORMED_JSON, f"ArrayRecord header is not valid JSON: {e}") from None
+    media, at = {}, n + size
+    for ref, length in header["media"]:
+        media[ref] = bytes(blob[at:at + length])
+        at += length
+    if at != len(blob):
+        raise DataError(BAD_FORMAT, f"ArrayRecord payload holds {len(blob)} bytes, its header describes {at}")
+    return header["record"], media
+
+
+def write_array_record(jsonl_path, out_path, data_root=None) -> dict[str, int]:
+    """JSONL -> ArrayRecord file whose records embed every referenced image/video file's bytes.
+
+    Training then reads one file sequence instead of many small files under data_root. Nothing
+    aborts the conversion: a missing file (or a frame directory, which is not one file) is noted in
+    its record, which then fails with missing_image/missing_video when read; records that do not
+    parse are left out. Returns counts: records, images, videos, and one per skip reason met.
+    The file is written to out_path + ".tmp" and renamed, so a crash leaves no partial output.
+    """
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    counts = {"records": 0, "images": 0, "videos": 0}
+    source, out = JsonlSource(jsonl_path), os.fspath(out_path)
+    writer = ArrayRecordWriter(out + ".tmp", "group_size:1")  # one record per chunk: cheap random access
+    try:
+        for i in range(len(source)):
+            try:
+                record = parse_line(source[i])
+                refs = media_references(record)
+            except DataError as e:
+                counts[e.reason] = counts.get(e.reason, 0) + 1
+                continue
+            media, missing = {}, {}
+            for kind, ref in refs:
+                if ref in media or ref in missing:
+                    continue
+                path = Path(data_root, ref) if data_root is not None else Path(ref)
+                if path.is_file():
+                    media[ref] = path.read_bytes()
+                    counts[kind + "s"] += 1
+                else:
+                    missing[ref] = f"{path}: " + ("a directory, not a file" if path.is_dir() else "no such file")
+                    reason = MISSING_IMAGE if kind == "image" else MISSING_VIDEO
+                    counts[reason] = counts.get(reason, 0) + 1
+            writer.write(encode_record(record, media, missing))
+            counts["records"] += 1
+    except BaseException:
+        writer.close()
+        os.unlink(out + ".tmp")
+        raise
+    writer.close()
+    os.replace(out + ".tmp", out)
+    return counts
+
+
+class ArrayRecordSource:
+    """ArrayRecord file(s) written by write_array_record as a grain source of raw payload bytes.
+
+    A thin wrapper over grain's ArrayRecordDataSource, which already pickles and reopens per process.
+    """
+
+    def __init__(self, paths):
+        import grain
+
+        self.paths = [os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+        self._source = grain.sources.ArrayRecordDataSource(self.paths)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index) -> bytes:
+        return self._source[index]
+
+    def __getitems__(self, indices) -> list[bytes]:
+        return list(self._source.__getitems__(indices))
+
+    def __repr__(self) -> str:
+        return f"ArrayRecordSource({self.paths!r}, records={len(self)})"
+
+
+def to_conversation(raw: bytes | str, data_root=None) -> Conversation:
+    """A source item (JSONL line or ArrayRecord payload) -> Conversation; raises DataError."""
+    if isinstance(raw, (bytes, bytearray, memoryview)) and bytes(raw[:len(MAGIC)]) == MAGIC:
+        record, media = decode_record(raw)
+        return parse_record(record, media=media)
+    return parse_record(parse_line(raw), data_root)
+
+
+# ------------------------------------------------------------------------------------------------ media
+
+class Media(NamedTuple):
+    """A conversation's media, ready for Processor(images=..., videos=..., fps=...)."""
+
+    images: list  # RGB PIL images
+    videos: list  # uint8 [F, H, W, 3] frames per video
+    fps: list  # sample fps per video
+
+
+def open_image(value) -> Image.Image:
+    """Path string or MediaBlob -> RGB PIL image; DataError missing_image / corrupt_image."""
+    if isinstance(value, MediaBlob):
+        try:
+            with Image.open(io.BytesIO(value.data)) as image:
+                image.load()  # decode now so truncated data fails here (as load_image does for files)
+                return load_image(ImageOps.exif_transpose(image))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(CORRUPT_IMAGE, f"cannot read image {value.name}: {e}") from None
+    if not os.path.isfile(value):
+        raise DataError(MISSING_IMAGE, f"image {value} does not exist")
+    try:
+        return load_image(value)
+    except ImageLoadError as e:
+        raise DataError(CORRUPT_IMAGE, str(e)) from None
+
+
+def open_video(value, **read_options) -> tuple[np.ndarray, float]:
+    """Path string or MediaBlob -> (frames uint8 [F, H, W, 3], sample fps) via read_video.
+
+    Raises DataError missing_video / corrupt_video. read_video picks its reader by file suffix and
+    needs a path, so a blob is written to a temporary file named with the original suffix.
+    """
+    if isinstance(value, MediaBlob):
+        with tempfile.NamedTemporaryFile(suffix=Path(value.name).suffix) as f:
+            f.write(value.data)
+            f.flush()
+            try:
+                return read_video(f.name, **read_options)
+            except VideoLoadError as e:
+                raise DataError(CORRUPT_VIDEO, str(e).replace(f.name, value.name)) from None
+    if not os.path.exists(value):
+        raise DataError(MISSING_VIDEO, f"video {value} does not exist")
+    try:
+        return read_video(value, **read_options)
+    except VideoLoadError as e:
+        raise DataError(CORRUPT_VIDEO, str(e)) from None
+
+
+def open_media(conversation: Conversation, **read_options) -> Media:
+    """Loads all of a conversation's images and videos (read_options go to read_video)."""
+    videos = [open_video(v, **read_options) for v in conversation.videos]
+    return Media([open_image(v) for v in conversation.images], [f for f, _ in videos], [s for _, s in videos])
