@@ -8,6 +8,9 @@ Every parameter carries its logical axis names (`axes` metadata, see sharding.py
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -94,10 +97,31 @@ def stack_layers(make_layer, num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
     return nnx.merge(graphdef, states)
 
 
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+_REMAT = contextvars.ContextVar("qwenvl_remat", default="none")
+
+
+@contextlib.contextmanager
+def remat_policy(name: str):
+    """Rematerialisation of each scanned layer while tracing inside this context (training)."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {name!r}")
+    token = _REMAT.set(name)
+    try:
+        yield
+    finally:
+        _REMAT.reset(token)
+
+
 def scan_layers(layers: nnx.Module, body, carry, xs=None):
     """Runs `body(layer, carry, x) -> (carry, y)` over the stacked layers and per-layer `xs`.
 
     Returns (carry, ys) with ys stacked on a leading layer axis (e.g. the updated KV cache).
+    Under `remat_policy(...)` each layer step is a jax.checkpoint with that policy.
     """
     graphdef, state = nnx.split(layers)
 
@@ -105,4 +129,7 @@ def scan_layers(layers: nnx.Module, body, carry, xs=None):
         layer_state, x = inp
         return body(nnx.merge(graphdef, layer_state), c, x)
 
+    name = _REMAT.get()
+    if name != "none":
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[name], prevent_cse=False)
     return jax.lax.scan(step, carry, (state, xs))

@@ -1,0 +1,1 @@
+"""Fine-tuning: objectives (SFT, DPO), their data, the train step and loop."""

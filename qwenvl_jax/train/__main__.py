@@ -1,0 +1,55 @@
+"""python -m qwenvl_jax.train: train a Qwen2.5-VL stage from a YAML config.
+
+    python -m qwenvl_jax.train --config configs/train/tiny.yaml
+    python -m qwenvl_jax.train --config configs/train/sft.yaml model.init_from=Qwen2.5-VL-7B-Instruct \\
+        data.path=train.jsonl output_dir=runs/sft train.steps=2000 checkpoint.every=200 \\
+        mesh=data=1,fsdp=-1,tensor=4 --export-hf runs/sft/hf
+
+Overrides are dotted KEY=VALUE pairs (values parsed as YAML). Progress goes to stderr, one JSON
+line per step to output_dir/metrics.jsonl; checkpoints to output_dir/checkpoints (a restarted
+run resumes from the latest). Multi-host: the same command on every host, plus --distributed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from qwenvl_jax import distributed
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_jax.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", help="training YAML (configs/train/*.yaml)")
+    ap.add_argument("--export-hf", metavar="DIR", help="write the final params as an HF checkpoint")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    distributed.add_arguments(ap)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        distributed.initialize_from_args(args)
+        from qwenvl_jax.train.config import load_train_config
+        from qwenvl_jax.train.loop import run
+
+        cfg = load_train_config(args.config, args.overrides)
+        if args.export_hf:
+            cfg = dataclasses.replace(cfg, export_hf=args.export_hf)
+        result = run(cfg)
+    except (ValueError, OSError) as e:  # config / data / checkpoint errors: one line
+        if os.environ.get("QWENVL_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if distributed.is_main_process():
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""The training run: model + data + optimizer + orbax checkpoints, resumable after preemption.
+
+Checkpoints (output_dir/checkpoints, orbax CheckpointManager, async, last K kept) hold the train
+state and the data iterator, so a resumed run continues with exactly the batches it would have
+seen. SIGTERM (TPU preemption) finishes the current step, saves, and exits; the next start
+resumes from the latest checkpoint, onto whatever mesh it is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from qwenvl_jax import distributed
+from qwenvl_jax.config import ConfigError, Qwen25VLConfig
+from qwenvl_jax.data.pipeline import SampleEncoder, make_dataset, open_source, skip_report
+from qwenvl_jax.data.formats import REASONS
+from qwenvl_jax.model.qwen25vl import Qwen25VL
+from qwenvl_jax.pretrained import resolve_dtype, with_attention_impl
+from qwenvl_jax.processing.processor import Processor
+from qwenvl_jax.sharding import Layout, param_shardings
+from qwenvl_jax.train import step as steplib
+from qwenvl_jax.train.config import TrainConfig
+from qwenvl_jax.train.synthetic import write_synthetic_dataset
+from qwenvl_jax.weights.export import save_hf_checkpoint
+from qwenvl_jax.weights.load import abstract_model, load_params
+
+PEAK_BF16_TFLOPS = {"TPU v4": 275, "TPU v5 lite": 197, "TPU v5e": 197, "TPU v5p": 459, "TPU v5": 459,
+                    "TPU v6 lite": 918, "TPU v6e": 918}
+
+
+class _Preemption:
+    """SIGTERM sets a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def say(*args, **kwargs):
+    if distributed.is_main_process():
+        print(*args, **kwargs)
+
+
+def _model_and_tokenizer(cfg: TrainConfig, out: Path):
+    """(model config, tokenizer directory, data file, data root)."""
+    data_path, root = cfg.data.path, cfg.data.root
+    tokenizer = cfg.model.tokenizer or cfg.model.init_from
+    if data_path == "synthetic":
+        synth = write_synthetic_dataset(out / "synthetic_data") if distributed.is_main_process() else None
+        _sync("synthetic data")
+        synth = out / "synthetic_data"
+        data_path, root, tokenizer = str(synth / "train.jsonl"), str(synth), tokenizer or str(synth)
+    if tokenizer is None:
+        raise ConfigError("model.tokenizer: a from-scratch model needs a tokenizer directory")
+    if cfg.model.init_from:
+        config = Qwen25VLConfig.from_hf_file(cfg.model.init_from)
+    else:
+        config = Qwen25VLConfig.from_preset(cfg.model.preset)
+        ids = Processor.from_pretrained(tokenizer)
+        hf = config.to_hf_dict()
+        hf.update(image_token_id=ids.image_token_id, video_token_id=ids.video_token_id,
+                  vision_start_token_id=ids.tokenizer.token_to_id("<|vision_start|>"),
+                  vision_end_token_id=ids.tokenizer.token_to_id("<|vision_end|>"))
+        config = Qwen25VLConfig.from_hf_dict(hf)
+    config = with_attention_impl(config, cfg.model.attention_impl)
+    return config, tokenizer, data_path, root or str(Path(data_path).resolve().parent)
+
+
+def _sync(name: str):
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def train_flops_per_token(config: Qwen25VLConfig, seq_len: int) -> float:
+    """3 x forward FLOPs of the LLM per token: 2 per weight, plus causal attention (half of
+    4 * L * d per layer); the ViT is counted per patch separately."""
+    t = config.text
+    per_layer = 2 * (t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
+                     + t.num_attention_heads * t.head_dim * t.hidden_size + 3 * t.hidden_size * t.intermediate_size)
+    forward = t.num_hidden_layers * (per_layer + 2 * seq_len * t.hidden_size) + 2 * t.hidden_size * t.vocab_size
+    return 3.0 * forward
+
+
+def vision_flops_per_patch(config: Qwen25VLConfig) -> float:
+    v = config.vision
+    per_block = 2 * (4 * v.hidden_size**2 + 3 * v.hidden_size * v.intermediate_size)
+    return 3.0 * (v.depth * per_block + 2 * v.patch_dim * v.hidden_size)
+
+
+def run(cfg: TrainConfig) -> dict:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layout = Layout.create(cfg.mesh or "data=1,fsdp=-1,tensor=1")
+    config, tokenizer_dir, data_path, data_root = _model_and_tokenizer(cfg, out)
+    layout = layout.for_model(config)
+    t = cfg.train
+    param_dtype, compute_dtype = resolve_dtype(t.param_dtype), resolve_dtype(t.compute_dtype)
+
+    # Model: graphdef computes in compute_dtype; params (master weights) in param_dtype, sharded.
+    graphdef, abstract = abstract_model(config, param_dtype, compute_dtype)
+    shardings = nnx.to_pure_dict(param_shardings(abstract, layout))
+    if cfg.model.init_from:
+        _, loaded = load_params(cfg.model.init_from, config, param_dtype=param_dtype, dtype=compute_dtype,
+                                layout=layout)
+        params = nnx.to_pure_dict(loaded)
+    else:
+        def create():
+            model = Qwen25VL(config, rngs=nnx.Rngs(t.seed), param_dtype=param_dtype, dtype=compute_dtype)
+            return nnx.to_pure_dict(nnx.state(model))
+        params = jax.jit(create, out_shardings=shardings)()
+    tx, schedule = steplib.make_optimizer(cfg.optim, t.steps, params, cfg.trainable)
+    state_abstract = jax.eval_shape(lambda p: steplib.init_state(p, tx), params)
+    state_sharding = steplib.state_shardings(state_abstract, shardings, tx, layout)
+    state = jax.jit(lambda p: steplib.init_state(p, tx), out_shardings=state_sharding)(params)
+    del params
+
+    # Data: this process's shard of the shuffled records.
+    processor = Processor.from_pretrained(tokenizer_dir)
+    data = dataclasses.replace(cfg.data.config, seed=cfg.data.config.seed + 0)
+    encoder = SampleEncoder(processor, config, data, data_root=data_root)
+    dataset = make_dataset(open_source(data_path), encoder, config, data, process_index=jax.process_index(),
+                           process_count=jax.process_count())
+    iterator = iter(dataset)
+
+    # Checkpoints: resume from the latest if there is one.
+    mngr = ocp.CheckpointManager(
+        (out / "checkpoints").resolve(),
+        options=ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(cfg.checkpoint.keep),
+            enable_async_checkpointing=cfg.checkpoint.async_save))
+    start = 0
+    if mngr.latest_step() is not None:
+        start = mngr.latest_step()
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state_abstract,
+                              state_sharding)
+        restored = mngr.restore(start, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(iterator)))
+        state = restored["state"]
+        say(f"resumed from step {start} ({out / 'checkpoints'})", file=sys.stderr)
+
+    _, slots = data.budgets(config.vision.window_patches)
+    step_cfg = steplib.StepConfig(groups=cfg.trainable, remat=t.remat, window_len=config.vision.window_patches,
+                                  max_full_len=slots, max_bad_steps=t.max_bad_steps)
+    flops_token = train_flops_per_token(config, data.seq_len)
+    flops_patch = vision_flops_per_patch(config)
+    peak = PEAK_BF16_TFLOPS.get(jax.devices()[0].device_kind)
+    metrics_file = open(out / "metrics.jsonl", "a")
+    compiled, batch_sharding = None, None
+    preempt = _Preemption()
+    skips = {}
+    last = {}
+    try:
+        for step in range(start, t.steps):
+            host = [next(iterator) for _ in range(t.grad_accum)]
+            for b in host:
+                for reason, n in skip_report([b]).items():
+                    skips[reason] = skips.get(reason, 0) + n
+            local = {k: np.stack([b[k] for b in host]) for k in host[0] if k not in ("num_samples", "skip_counts")}
+            if compiled is None:
+                abstract_batch = {k: jax.ShapeDtypeStruct((v.shape[0], v.shape[1] * jax.process_count(),
+                                                           *v.shape[2:]), v.dtype) for k, v in local.items()}
+                t0 = time.perf_counter()
+                compiled, batch_sharding = steplib.compile_step(state_abstract, abstract_batch, graphdef=graphdef,
+                                                                tx=tx, layout=layout, cfg=step_cfg,
+                                                                state_sharding=state_sharding)
+                say(f"compiled the train step in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            batch = {k: jax.make_array_from_process_local_data(batch_sharding[k], v) for k, v in local.items()}
+            t0 = time.perf_counter()
+            state, m = compiled(state, batch)
+            m = jax.device_get(m)
+            dt = time.perf_counter() - t0
+            tokens = int(np.sum(local["segment_ids"] > 0)) * jax.process_count()
+            patches = int(np.sum(local["full_segment_ids"] > 0)) * jax.process_count()
+            achieved = (flops_token * tokens + flops_patch * patches) / dt
+            last = {"step": step + 1, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                    "lr": float(schedule(step)), "tokens": int(m["tokens"]), "tokens_per_s": tokens / dt,
+                    "step_s": dt, "mfu": achieved / (peak * 1e12 * jax.device_count()) if peak else None,
+                    "skipped_updates": int(jax.device_get(state.skipped_updates)), "data_skips": dict(skips)}
+            if distributed.is_main_process():
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
+                if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+                    print(f"step {step + 1}/{t.steps} loss {last['loss']:.4f} lr {last['lr']:.2e} "
+                          f"grad {last['grad_norm']:.3f} tok/s {last['tokens_per_s']:.0f}", file=sys.stderr,
+                          flush=True)
+            if int(jax.device_get(state.bad_steps)) >= t.max_bad_steps:
+                say(f"stopping: {t.max_bad_steps} non-finite steps in a row; the last good checkpoint is kept",
+                    file=sys.stderr)
+                return {**last, "stopped": "non_finite"}
+            done = step + 1
+            if preempt.requested or done % cfg.checkpoint.every == 0 or done == t.steps:
+                mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        data=grain.checkpoint.CheckpointSave(iterator)))
+            if preempt.requested:
+                mngr.wait_until_finished()
+                say(f"SIGTERM: saved step {done}, exiting", file=sys.stderr)
+                return {**last, "stopped": "preempted"}
+        mngr.wait_until_finished()
+        if cfg.export_hf:
+            params = nnx.merge(graphdef, state.params)
+            save_hf_checkpoint(cfg.export_hf, nnx.state(params), config)
+            say(f"exported HF checkpoint to {cfg.export_hf}", file=sys.stderr)
+        return last
+    finally:
+        preempt.restore()
+        metrics_file.close()
+        mngr.wait_until_finished()
+        mngr.close()

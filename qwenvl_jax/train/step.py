@@ -1,0 +1,183 @@
+"""The train step: loss on packed batches, AdamW with warmup + cosine, freezing, accumulation,
+clipping, a non-finite guard; jitted with explicit shardings over the model's layout.
+
+State is plain pytrees (nested dicts of arrays): params (f32 master weights by default) and the
+optax state, so orbax saves and restores them onto any mesh. The model is merged from the
+graphdef inside the step; its compute dtype is set when the graphdef is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from qwenvl_jax.data.pipeline import IGNORE, VISION_KEYS
+from qwenvl_jax.model.layers import remat_policy
+from qwenvl_jax.model.vision_layout import VisionInputs
+from qwenvl_jax.sharding import Layout, active
+from qwenvl_jax.train.config import OptimSpec
+
+GROUPS = ("vision", "merger", "llm")
+
+
+def param_group(path: tuple[str, ...]) -> str:
+    """vision: ViT blocks + patch embed; merger: the 2x2 merger MLP; llm: decoder + lm_head."""
+    if path[0] == "visual":
+        return "merger" if path[1] == "merger" else "vision"
+    return "llm"
+
+
+def trainable_mask(params, groups: tuple[str, ...]):
+    """A tree of bools like `params`: True where the parameter's group trains."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: param_group(tuple(str(getattr(k, "key", k)) for k in path)) in groups, params)
+
+
+def make_optimizer(spec: OptimSpec, steps: int, params, groups: tuple[str, ...]):
+    """AdamW (warmup + cosine, decay on matrices only) behind global-norm clipping for the
+    trainable groups; frozen groups get `set_to_zero` and hold no optimizer state."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, spec.learning_rate, max(spec.warmup_steps, 0), max(steps, spec.warmup_steps + 1),
+        end_value=spec.learning_rate * spec.min_lr_ratio)
+    decay = jax.tree.map(lambda x: x.ndim >= 2, params)
+    adamw = optax.chain(optax.clip_by_global_norm(spec.clip_norm),
+                        optax.adamw(schedule, spec.b1, spec.b2, spec.eps, spec.weight_decay, mask=decay))
+    labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable_mask(params, groups))
+    return optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()}, labels), schedule
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    opt_state: object
+    bad_steps: jax.Array  # consecutive non-finite steps
+    skipped_updates: jax.Array  # all non-finite steps so far
+
+
+def next_token_loss(logits, labels, segment_ids):
+    """(sum of -log p(next token) over trained targets, number of targets). Targets never cross
+    samples: position t predicts labels[t+1] only inside the same segment."""
+    targets = labels[:, 1:]
+    valid = (targets != IGNORE) & (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
+
+
+def batch_inputs(batch: dict, window_len: int, max_full_len: int):
+    """A pipeline batch (arrays) -> model call arguments."""
+    vision = VisionInputs(**{k: batch[k] for k in VISION_KEYS}, window_len=window_len, max_full_len=max_full_len)
+    return batch["input_ids"], jnp.moveaxis(batch["position_ids"], 1, 0), batch["segment_ids"], vision, \
+        batch["vision_token_index"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of the compiled step (hashable)."""
+    groups: tuple[str, ...]
+    remat: str
+    window_len: int
+    max_full_len: int
+    max_bad_steps: int
+
+
+def _is_none(x):
+    return x is None
+
+
+def split_trainable(params, mask):
+    """(trainable, frozen) trees with None in the other's places: gradients (and their
+    accumulation buffers) exist only for trainable parameters."""
+    return (jax.tree.map(lambda p, t: p if t else None, params, mask),
+            jax.tree.map(lambda p, t: None if t else p, params, mask))
+
+
+def join(trainable, frozen):
+    return jax.tree.map(lambda a, b: b if a is None else a, trainable, frozen, is_leaf=_is_none)
+
+
+def loss_sum(trainable, frozen, graphdef, batch, cfg: StepConfig):
+    model = nnx.merge(graphdef, join(trainable, frozen))
+    with remat_policy(cfg.remat):
+        logits = model(*batch_inputs(batch, cfg.window_len, cfg.max_full_len))
+    return next_token_loss(logits, batch["labels"], batch["segment_ids"])
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef, tx, layout: Layout, cfg: StepConfig):
+    """One optimizer step over batch arrays shaped [accum, rows, ...] (token-mean loss over all
+    microbatches). Returns (state, metrics)."""
+    mask = trainable_mask(state.params, cfg.groups)
+    trainable, frozen = split_trainable(state.params, mask)
+
+    def micro(carry, mb):
+        grads, total, count = carry
+        (value, n), g = jax.value_and_grad(loss_sum, has_aux=True)(trainable, frozen, graphdef, mb, cfg)
+        return (jax.tree.map(jnp.add, grads, g), total + value, count + n), None
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    with active(layout):
+        (grads, total, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.int32(0)), batch)
+    scale = 1.0 / jnp.maximum(count, 1).astype(jnp.float32)
+    grads = jax.tree.map(lambda g: g * scale, grads)
+    loss = total * scale
+    grad_norm = optax.global_norm(grads)
+    # Frozen groups: zero gradients for optax's set_to_zero branch (folded away by XLA).
+    grads = jax.tree.map(lambda g, p: jnp.zeros_like(p) if g is None else g, grads, state.params, is_leaf=_is_none)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    bad = jnp.where(finite, 0, state.bad_steps + 1)
+    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                           opt_state=keep(opt_state, state.opt_state), bad_steps=bad,
+                           skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32))
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite}
+
+
+def _keys(path) -> tuple[str, ...]:
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def state_shardings(state_abstract: TrainState, param_shardings: dict, tx, layout: Layout) -> TrainState:
+    """Optimizer moments are sharded like their params (matched by the param path their state
+    path ends with); counters and anything else replicated."""
+    by_path = {_keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+
+    def place(path, leaf):
+        keys = _keys(path)
+        for i in range(len(keys)):
+            s = by_path.get(keys[i:])
+            if s is not None and len(s.spec) <= len(leaf.shape):
+                return s
+        return layout.replicated
+
+    opt = jax.tree_util.tree_map_with_path(place, state_abstract.opt_state)
+    rep = layout.replicated
+    return TrainState(step=rep, params=param_shardings, opt_state=opt, bad_steps=rep, skipped_updates=rep)
+
+
+def batch_shardings(batch: dict, layout: Layout) -> dict:
+    """[accum, rows, ...] arrays: rows over the batch axes."""
+    return {k: layout.sharding((None, "batch") + (None,) * (np.ndim(v) - 2), np.shape(v)) for k, v in batch.items()}
+
+
+def compile_step(state_abstract, batch_abstract, *, graphdef, tx, layout, cfg: StepConfig,
+                 state_sharding: TrainState):
+    """jit(train_step) with explicit in/out shardings, state donated, compiled ahead of time."""
+    in_batch = batch_shardings(batch_abstract, layout)
+    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, layout=layout, cfg=cfg)
+    jitted = jax.jit(fn, in_shardings=(state_sharding, in_batch), out_shardings=(state_sharding, layout.replicated),
+                     donate_argnums=0)
+    return jitted.lower(state_abstract, batch_abstract).compile(), in_batch
+
+
+def init_state(params: dict, tx) -> TrainState:
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=tx.init(params), bad_steps=zero, skipped_updates=zero)
