@@ -131,11 +131,39 @@ def _build(cls, values: dict, where: str, base=None):
             default = None if default is dataclasses.MISSING else default
             out[key] = _build(typ, value or {}, f"{where}.{key}" if where else key, default)
         else:
-            out[key] = value
+            out[key] = _coerce(value, typ, f"{where}.{key}" if where else key)
     try:
         return dataclasses.replace(base, **out) if base is not None else cls(**out)
     except TypeError as e:
         raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def _coerce(value, typ, where: str):
+    """A YAML/CLI scalar -> the field's type ('1e-3' is a string to YAML 1.1); wrong types are
+    one clear error naming the key."""
+    args = typing.get_args(typ)
+    options = [a for a in args if a is not type(None)] if args else [typ]
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{where}: a value is required")
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option in (int, float) and not isinstance(value, bool):
+            try:
+                number = option(value)
+            except (TypeError, ValueError):
+                continue
+            if option is int and isinstance(value, float) and not value.is_integer():
+                continue
+            return number
+        if option is str and isinstance(value, str):
+            return value
+        if option not in (bool, int, float, str):
+            return value
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{where}: expected {names}, got {value!r}")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

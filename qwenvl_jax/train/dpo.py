@@ -164,3 +164,35 @@ def _packed_row(sample: dict, seq_len: int, patches: int, slots: int) -> dict:
     for k in ("patches", "grids", "skips"):
         row[k], row[f"{k}_segment_ids"] = sample[k], np.ones(len(sample[k]), np.int32)
     return row
+
+
+class _EncodeOrSkip:
+    """raw JSONL line -> (chosen, rejected), or None for a bad record (dropped by the filter)."""
+
+    def __init__(self, encoder: PairEncoder):
+        self.encoder = encoder
+
+    def __call__(self, raw):
+        from qwenvl_jax.data.sources import parse_line
+
+        try:
+            return self.encoder(parse_line(raw))
+        except DataError:
+            return None
+
+
+def make_pair_dataset(source, encoder: PairEncoder, config: Qwen25VLConfig, data: DataConfig, *,
+                      process_index: int = 0, process_count: int = 1):
+    """DPO pairs as a grain IterDataset of pair batches (2 x data.batch_size rows), shuffled and
+    sharded like the SFT pipeline; checkpointable the same way. Bad records are dropped."""
+    import grain
+
+    patches, slots = data.budgets(config.vision.window_patches)
+    ds = grain.MapDataset.source(source)
+    if data.shuffle:
+        ds = ds.shuffle(seed=data.seed)
+    ds = ds[process_index::process_count]
+    ds = ds.repeat(data.epochs) if data.epochs != 1 else ds
+    ds = ds.map(_EncodeOrSkip(encoder)).to_iter_dataset().filter(lambda x: x is not None)
+    return ds.batch(data.batch_size, drop_remainder=True,
+                    batch_fn=lambda pairs: pair_batch(pairs, config, data.seq_len, patches, slots))

@@ -132,14 +132,27 @@ def run(cfg: TrainConfig) -> dict:
     state_abstract = jax.eval_shape(lambda p: steplib.init_state(p, tx), params)
     state_sharding = steplib.state_shardings(state_abstract, shardings, tx, layout)
     state = jax.jit(lambda p: steplib.init_state(p, tx), out_shardings=state_sharding)(params)
+    dpo = t.stage == "dpo"
+    # DPO's frozen reference model: the initial weights (re-created identically on resume).
+    ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params) if dpo else None
     del params
 
     # Data: this process's shard of the shuffled records.
     processor = Processor.from_pretrained(tokenizer_dir)
     data = dataclasses.replace(cfg.data.config, seed=cfg.data.config.seed + 0)
-    encoder = SampleEncoder(processor, config, data, data_root=data_root)
-    dataset = make_dataset(open_source(data_path), encoder, config, data, process_index=jax.process_index(),
-                           process_count=jax.process_count())
+    if dpo:
+        from qwenvl_jax.train.dpo import PairEncoder, make_pair_dataset
+
+        patches_budget, slots_budget = data.budgets(config.vision.window_patches)
+        pairs = PairEncoder(processor, config, data.seq_len, data_root=data_root, patch_budget=patches_budget,
+                            slot_budget=slots_budget, max_items=data.max_items, min_pixels=data.min_pixels,
+                            max_pixels=data.max_pixels)
+        dataset = make_pair_dataset(open_source(data_path), pairs, config, data, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    else:
+        encoder = SampleEncoder(processor, config, data, data_root=data_root)
+        dataset = make_dataset(open_source(data_path), encoder, config, data, process_index=jax.process_index(),
+                               process_count=jax.process_count())
     iterator = iter(dataset)
 
     # Checkpoints: resume from the latest if there is one.
@@ -182,11 +195,12 @@ def run(cfg: TrainConfig) -> dict:
                 t0 = time.perf_counter()
                 compiled, batch_sharding = steplib.compile_step(state_abstract, abstract_batch, graphdef=graphdef,
                                                                 tx=tx, layout=layout, cfg=step_cfg,
-                                                                state_sharding=state_sharding)
+                                                                state_sharding=state_sharding,
+                                                                dpo_beta=t.dpo_beta if dpo else None)
                 say(f"compiled the train step in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
             batch = {k: jax.make_array_from_process_local_data(batch_sharding[k], v) for k, v in local.items()}
             t0 = time.perf_counter()
-            state, m = compiled(state, batch)
+            state, m = compiled(state, batch, ref_params) if dpo else compiled(state, batch)
             m = jax.device_get(m)
             dt = time.perf_counter() - t0
             tokens = int(np.sum(local["segment_ids"] > 0)) * jax.process_count()
@@ -195,7 +209,8 @@ def run(cfg: TrainConfig) -> dict:
             last = {"step": step + 1, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                     "lr": float(schedule(step)), "tokens": int(m["tokens"]), "tokens_per_s": tokens / dt,
                     "step_s": dt, "mfu": achieved / (peak * 1e12 * jax.device_count()) if peak else None,
-                    "skipped_updates": int(jax.device_get(state.skipped_updates)), "data_skips": dict(skips)}
+                    "skipped_updates": int(jax.device_get(state.skipped_updates)), "data_skips": dict(skips),
+                    **{k: float(m[k]) for k in ("rewards_chosen", "rewards_rejected", "reward_accuracy") if k in m}}
             if distributed.is_main_process():
                 metrics_file.write(json.dumps(last) + "\n")
                 metrics_file.flush()

@@ -126,11 +126,17 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, layout: Layout, 
         (grads, total, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.int32(0)), batch)
     scale = 1.0 / jnp.maximum(count, 1).astype(jnp.float32)
     grads = jax.tree.map(lambda g: g * scale, grads)
-    loss = total * scale
+    new_state, metrics = apply_gradients(state, grads, total * scale, tx)
+    return new_state, {**metrics, "tokens": count}
+
+
+def apply_gradients(state: TrainState, grads, loss, tx):
+    """Optimizer update from trainable-only grads (None elsewhere); a non-finite loss or
+    gradient keeps the old params and optimizer state and is counted."""
     grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # Frozen groups: zero gradients for optax's set_to_zero branch (folded away by XLA).
     grads = jax.tree.map(lambda g, p: jnp.zeros_like(p) if g is None else g, grads, state.params, is_leaf=_is_none)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
@@ -138,7 +144,45 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, layout: Layout, 
     new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                            opt_state=keep(opt_state, state.opt_state), bad_steps=bad,
                            skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32))
-    return new_state, {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite}
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+
+def dpo_loss_fn(trainable, frozen, ref_params, graphdef, batch, cfg: StepConfig, beta: float):
+    """Sigmoid DPO on a pair batch (rows 0..B-1 chosen, B..2B-1 rejected) against the frozen
+    reference model's sequence log-probs."""
+    from qwenvl_jax.train.dpo import dpo_loss, sequence_logps
+
+    inputs = batch_inputs(batch, cfg.window_len, cfg.max_full_len)
+    with remat_policy(cfg.remat):
+        logits = nnx.merge(graphdef, join(trainable, frozen))(*inputs)
+    ref_logits = jax.lax.stop_gradient(nnx.merge(graphdef, ref_params)(*inputs))
+    logps, _ = sequence_logps(logits, batch["labels"], batch["segment_ids"])
+    ref, _ = sequence_logps(ref_logits, batch["labels"], batch["segment_ids"])
+    b = logps.shape[0] // 2
+    return dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta)
+
+
+def dpo_train_step(state: TrainState, batch: dict, ref_params, *, graphdef, tx, layout: Layout,
+                   cfg: StepConfig, beta: float):
+    """One DPO optimizer step over [accum, 2B, ...] pair batches (mean over microbatches)."""
+    mask = trainable_mask(state.params, cfg.groups)
+    trainable, frozen = split_trainable(state.params, mask)
+
+    def micro(carry, mb):
+        grads, total, stats = carry
+        (value, m), g = jax.value_and_grad(dpo_loss_fn, has_aux=True)(trainable, frozen, ref_params, graphdef,
+                                                                       mb, cfg, beta)
+        return (jax.tree.map(jnp.add, grads, g), total + value, jax.tree.map(jnp.add, stats, m)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    stats0 = {k: jnp.float32(0) for k in ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy")}
+    with active(layout):
+        (grads, total, stats), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), stats0), batch)
+    n = batch["input_ids"].shape[0]
+    grads = jax.tree.map(lambda g: g / n, grads)
+    new_state, metrics = apply_gradients(state, grads, total / n, tx)
+    tokens = jnp.sum(batch["segment_ids"] > 0)
+    return new_state, {**metrics, **{k: v / n for k, v in stats.items()}, "tokens": tokens}
 
 
 def _keys(path) -> tuple[str, ...]:
@@ -169,13 +213,19 @@ def batch_shardings(batch: dict, layout: Layout) -> dict:
 
 
 def compile_step(state_abstract, batch_abstract, *, graphdef, tx, layout, cfg: StepConfig,
-                 state_sharding: TrainState):
-    """jit(train_step) with explicit in/out shardings, state donated, compiled ahead of time."""
+                 state_sharding: TrainState, dpo_beta: float | None = None):
+    """jit(train step) with explicit in/out shardings, state donated, compiled ahead of time.
+    With dpo_beta the step is DPO's and takes the reference params (sharded like the params)."""
     in_batch = batch_shardings(batch_abstract, layout)
-    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, layout=layout, cfg=cfg)
-    jitted = jax.jit(fn, in_shardings=(state_sharding, in_batch), out_shardings=(state_sharding, layout.replicated),
-                     donate_argnums=0)
-    return jitted.lower(state_abstract, batch_abstract).compile(), in_batch
+    if dpo_beta is None:
+        fn = functools.partial(train_step, graphdef=graphdef, tx=tx, layout=layout, cfg=cfg)
+        shardings, args = (state_sharding, in_batch), (state_abstract, batch_abstract)
+    else:
+        fn = functools.partial(dpo_train_step, graphdef=graphdef, tx=tx, layout=layout, cfg=cfg, beta=dpo_beta)
+        shardings = (state_sharding, in_batch, state_sharding.params)
+        args = (state_abstract, batch_abstract, state_abstract.params)
+    jitted = jax.jit(fn, in_shardings=shardings, out_shardings=(state_sharding, layout.replicated), donate_argnums=0)
+    return jitted.lower(*args).compile(), in_batch
 
 
 def init_state(params: dict, tx) -> TrainState:

@@ -1,0 +1,266 @@
+"""python -m qwenvl_jax.demo.make_data: a shapes dataset with exact answers, for fine-tuning demos.
+
+    python -m qwenvl_jax.demo.make_data --out data/shapes --n 5000 --seed 0
+    python -m qwenvl_jax.demo.make_data --out data/shapes --n 500 --seed 1 --name eval.jsonl
+
+White canvases (160-448 px a side) hold 1-5 non-overlapping solid circles, squares and triangles
+in four colours. Each record asks one question in the repo's LLaVA form:
+
+    count      "How many red circles are there?"      -> "2"
+    attribute  "What color is the triangle?"          -> "blue"   (asked only when the answer is unique)
+    ground     "Locate the blue square."              -> [{"bbox_2d":[x1,y1,x2,y2],"label":"blue square"}]
+
+Boxes are in absolute pixels of the *resized* model input (smart_resize with --min/--max-pixels),
+as Qwen2.5-VL answers. `parse_record` ignores unknown top-level keys, so each record carries a
+"meta" object with what evaluation needs (task, answer, boxes_resized, resized_hw, original_hw, shapes).
+OUT also receives a demo tokenizer and a preprocessor_config.json with the same pixel limits, so
+OUT is a complete `model.tokenizer` directory and the boxes match what the processor feeds the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from qwenvl_jax.processing import tiny_tokenizer
+from qwenvl_jax.processing.image import smart_resize
+
+COLORS = {"red": (255, 0, 0), "green": (0, 160, 0), "blue": (0, 0, 255), "yellow": (230, 200, 0)}
+SHAPES = ("circle", "square", "triangle")
+TASKS = ("count", "attribute", "ground")
+DEFAULT_MIX = (0.4, 0.2, 0.4)
+CANVAS = (160, 448)  # side length range, inclusive
+SIZE = (24, 96)  # shape side range, inclusive
+GAP = 4  # empty pixels kept between shapes' boxes, so same-colour shapes never touch
+MIN_PIXELS, MAX_PIXELS = 3136, 200704
+DEMO_VOCAB = 480  # BPE ids before the 22 added tokens: 502 < 512 (the tiny preset's vocab)
+
+
+# ------------------------------------------------------------------------------------------ drawing
+
+def _mask(shape: str, size: int) -> Image.Image:
+    """Binary (0/255) mask of one shape in a size x size tile; PIL draws without anti-aliasing."""
+    m = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(m)
+    if shape == "circle":
+        d.ellipse((0, 0, size - 1, size - 1), fill=255)
+    elif shape == "square":
+        d.rectangle((0, 0, size - 1, size - 1), fill=255)
+    else:
+        d.polygon([(size / 2, 0), (0, size - 1), (size - 1, size - 1)], fill=255)
+    return m
+
+
+def _place(rng, h: int, w: int, n: int) -> list[tuple[int, int, int]]:
+    """Up to n (x, y, size) tiles inside the canvas, pairwise GAP apart; rejection sampling keeps it simple."""
+    tiles = []
+    for _ in range(n * 30):
+        if len(tiles) == n:
+            break
+        s = int(rng.integers(SIZE[0], SIZE[1] + 1))
+        x, y = int(rng.integers(0, w - s + 1)), int(rng.integers(0, h - s + 1))
+        if all(x + s + GAP <= tx or tx + ts + GAP <= x or y + s + GAP <= ty or ty + ts + GAP <= y
+               for tx, ty, ts in tiles):
+            tiles.append((x, y, s))
+    return tiles
+
+
+def draw_scene(rng) -> tuple[Image.Image, list[dict]]:
+    """A random canvas and its shapes [{"color", "shape", "bbox": tight [x1, y1, x2, y2] pixel edges}]."""
+    h, w = (int(v) for v in rng.integers(CANVAS[0], CANVAS[1] + 1, size=2))
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    shapes = []
+    for x, y, s in _place(rng, h, w, int(rng.integers(1, 6))):
+        color, shape = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
+        mask = _mask(shape, s)
+        left, top, right, bottom = mask.getbbox()  # exclusive right/bottom = pixel-edge coordinates
+        img.paste(COLORS[color], (x, y), mask)
+        shapes.append({"color": color, "shape": shape, "bbox": [x + left, y + top, x + right, y + bottom]})
+    return img, shapes
+
+
+# ------------------------------------------------------------------------------------------ questions
+
+def scale_box(box, original_hw, resized_hw) -> list[int]:
+    """Original-pixel box -> resized-input pixels (what Qwen2.5-VL answers in), rounded."""
+    (oh, ow), (rh, rw) = original_hw, resized_hw
+    return [round(v * (rw / ow if k % 2 == 0 else rh / oh)) for k, v in enumerate(box)]
+
+
+def grounding_answer(boxes: list[list[int]], label: str) -> str:
+    """Compact JSON, left to right: fewer tokens to learn than Qwen's fenced, spaced form; parse_grounding reads both."""
+    items = [{"bbox_2d": b, "label": label} for b in sorted(boxes, key=lambda b: (b[0], b[1]))]
+    return json.dumps(items, separators=(",", ":"))
+
+
+def _plural(shape: str) -> str:
+    return shape + "s"
+
+
+def _count(rng, shapes):
+    """Counts everything, one colour, one shape kind, or one colour+kind; always about something present."""
+    ref = shapes[int(rng.integers(len(shapes)))]
+    kind = int(rng.integers(4))
+    color, shape = (ref["color"] if kind in (1, 3) else None), (ref["shape"] if kind in (2, 3) else None)
+    n = sum((color is None or s["color"] == color) and (shape is None or s["shape"] == shape) for s in shapes)
+    what = " ".join(p for p in (color, _plural(shape) if shape else "shapes") if p)
+    return f"How many {what} are there?", str(n)
+
+
+def _attribute(rng, shapes):
+    """Asks only what the picture answers uniquely; None when no colour or shape kind occurs once."""
+    options = []
+    for key, other in (("shape", "color"), ("color", "shape")):
+        for s in shapes:
+            if sum(t[key] == s[key] for t in shapes) == 1:
+                q = (f"What color is the {s['shape']}?" if key == "shape"
+                     else f"What shape is the {s['color']} object?")
+                options.append((q, s[other]))
+    return options[int(rng.integers(len(options)))] if options else None
+
+
+def _ground(rng, shapes, original_hw, resized_hw):
+    ref = shapes[int(rng.integers(len(shapes)))]
+    label = f"{ref['color']} {ref['shape']}"
+    boxes = [scale_box(s["bbox"], original_hw, resized_hw) for s in shapes
+             if s["color"] == ref["color"] and s["shape"] == ref["shape"]]
+    q = f"Locate the {label}." if len(boxes) == 1 else f"Locate every {label}."
+    return q, grounding_answer(boxes, label), sorted(boxes, key=lambda b: (b[0], b[1]))
+
+
+def make_record(rng, task: str, shapes, image: str, original_hw, resized_hw) -> dict:
+    """One LLaVA-form record plus "meta"; an attribute question without a unique answer becomes a count."""
+    meta = {"task": task, "original_hw": list(original_hw), "resized_hw": list(resized_hw), "shapes": shapes}
+    qa = _attribute(rng, shapes) if task == "attribute" else None
+    if task == "ground":
+        q, a, meta["boxes_resized"] = _ground(rng, shapes, original_hw, resized_hw)
+    elif qa is not None:
+        q, a = qa
+    else:
+        meta["task"] = "count"
+        q, a = _count(rng, shapes)
+    meta["answer"] = a
+    return {"image": image, "conversations": [{"from": "human", "value": f"<image>\n{q}"},
+                                              {"from": "gpt", "value": a}], "meta": meta}
+
+
+def make_dataset(out_dir, n: int, seed: int = 0, name: str = "train.jsonl", mix=DEFAULT_MIX,
+                 min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, per_image: int = 1) -> Path:
+    """Writes out_dir/name and out_dir/images/<stem>_NNNNN.png (stem keeps train and eval sets apart).
+
+    One numpy Generator drives everything in a fixed order, so a seed fixes every byte.
+    per_image > 1 asks several questions about each picture (one record each).
+    """
+    if n < 1 or per_image < 1:
+        raise ValueError(f"--n and --per-image must be >= 1, got {n} and {per_image}")
+    p = np.asarray(mix, float)
+    if p.shape != (3,) or (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"mix must be 3 non-negative weights (count, attribute, ground), got {mix}")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    stem, rng = Path(name).stem, np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        if i % per_image == 0:
+            img, shapes = draw_scene(rng)
+            rel = f"images/{stem}_{i // per_image:05d}.png"
+            img.save(out / rel, format="PNG", compress_level=1)
+            original = (img.height, img.width)
+            resized = smart_resize(*original, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
+        task = TASKS[int(rng.choice(3, p=p / p.sum()))]
+        record = {"id": f"{stem}-{i}", **make_record(rng, task, shapes, rel, original, resized)}
+        lines.append(json.dumps(record, separators=(",", ":")) + "\n")
+    path = out / name
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(lines))
+    tmp.replace(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+def demo_corpus() -> str:
+    """Every question template and answer form (digits, colours, shapes, compact JSON) plus the chat
+    template's words, repeated so BPE (min_frequency=2) merges them into few tokens."""
+    lines = ["You are a helpful assistant.", "system", "user", "assistant"]
+    for c in COLORS:
+        lines.append(f"How many {c} shapes are there?")
+        for s in SHAPES:
+            lines += [f"How many {c} {_plural(s)} are there?", f"Locate the {c} {s}.", f"Locate every {c} {s}.",
+                      f"What color is the {s}? {c}", f"What shape is the {c} object? {s}"]
+    lines += [f"How many {_plural(s)} are there? How many shapes are there?" for s in SHAPES]
+    rng = np.random.default_rng(0)
+    for k in range(60):  # grounding answers with many numbers: digits and JSON punctuation
+        c, s = list(COLORS)[k % 4], SHAPES[k % 3]
+        boxes = [[int(v) for v in rng.integers(0, 448, 4)] for _ in range(1 + k % 3)]
+        lines.append(grounding_answer(boxes, f"{c} {s}"))
+    lines.append(" ".join(str(d) for d in range(10)) + " 0123456789")
+    return "\n".join(lines * 3) + "\n"
+
+
+@contextlib.contextmanager
+def _patched(module, **values):
+    """tiny_tokenizer trains on its module-level CORPUS with no parameter for another; swap it for one call."""
+    old = {k: getattr(module, k) for k in values}
+    try:
+        for k, v in values.items():
+            setattr(module, k, v)
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(module, k, v)
+
+
+def write_demo_tokenizer(out_dir) -> dict[str, int]:
+    """tokenizer.json / tokenizer_config.json / chat_template.jinja trained on `demo_corpus()`.
+
+    Same Qwen2 pipeline and added tokens as `make_tiny_tokenizer` (whose writer it reuses), so
+    the chat template and special ids behave exactly as in the repo's tests; the vocabulary
+    (BPE + 22 added tokens) stays under 512 ids. Returns special ids by name and vocab_size.
+    """
+    with _patched(tiny_tokenizer, CORPUS=demo_corpus(), TRAIN_VOCAB=DEMO_VOCAB):
+        ids = tiny_tokenizer.make_tiny_tokenizer(out_dir)
+    if ids["vocab_size"] >= 512:
+        raise AssertionError(f"demo tokenizer has {ids['vocab_size']} ids; the tiny preset holds 512")
+    return ids
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_jax.demo.make_data", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="output directory (JSONL, images/, tokenizer)")
+    ap.add_argument("--n", type=int, default=1000, help="number of records")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default="train.jsonl", help="JSONL file name inside --out")
+    ap.add_argument("--min-pixels", type=int, default=MIN_PIXELS)
+    ap.add_argument("--max-pixels", type=int, default=MAX_PIXELS)
+    ap.add_argument("--mix", default=",".join(map(str, DEFAULT_MIX)), help="weights count,attribute,ground")
+    ap.add_argument("--per-image", type=int, default=1, help="questions (records) per picture")
+    ap.add_argument("--no-tokenizer", action="store_true", help="skip the tokenizer/preprocessor files")
+    args = ap.parse_args(argv)
+    try:
+        mix = [float(v) for v in args.mix.split(",")]
+        t = time.perf_counter()
+        path = make_dataset(args.out, args.n, args.seed, args.name, mix, args.min_pixels, args.max_pixels,
+                            args.per_image)
+        if not args.no_tokenizer:
+            ids = write_demo_tokenizer(args.out)
+            tiny_tokenizer.write_preprocessor_config(args.out, args.min_pixels, args.max_pixels)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    vocab = "" if args.no_tokenizer else f"; tokenizer vocab {ids['vocab_size']}"
+    print(f"wrote {args.n} records to {path} in {time.perf_counter() - t:.1f} s{vocab}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
