@@ -19,10 +19,11 @@ import time
 import jax
 import numpy as np
 import torch
+from common import TOKENS, image_batch, small_config, timed
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from common import TOKENS, image_batch, small_config, timed
 from qwenvl_jax.pretrained import load_pretrained
+
 
 def main():
     ap = argparse.ArgumentParser()

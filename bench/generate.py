@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 import torch
+from common import CONFIGS, TOKENS, image_batch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from common import CONFIGS, TOKENS, image_batch
 from qwenvl_jax.generation.decode import compile_stats, generate
 from qwenvl_jax.pretrained import load_pretrained
 

@@ -73,10 +73,11 @@ def efficiency(samples, seq_len: int, packer: str, bins: int, cfg: Qwen25VLConfi
 
 
 def throughput(workers: int, records: int) -> float:
+    from PIL import Image
+    from tiny_tokenizer import make_tiny_tokenizer, write_preprocessor_config
+
     from qwenvl_jax.data.pipeline import SampleEncoder, make_dataset, open_source
     from qwenvl_jax.processing.processor import Processor
-    from tiny_tokenizer import make_tiny_tokenizer, write_preprocessor_config
-    from PIL import Image
 
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)

@@ -92,7 +92,7 @@ def main():
     del params
     _, slots = data.budgets(config.vision.window_patches)
     cfg = steplib.StepConfig(groups=steplib.GROUPS, remat=args.remat, window_len=config.vision.window_patches,
-                             max_full_len=slots, max_bad_steps=1 << 30)
+                             max_full_len=data.item_slots(config.vision.window_patches), max_bad_steps=1 << 30)
 
     batch_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host[0].items()}
     t0 = time.perf_counter()

@@ -20,8 +20,8 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from common import timed
+
 from qwenvl_jax.kernels.window_attention import flops, segment_attention
 from qwenvl_jax.model.attention import attend
 

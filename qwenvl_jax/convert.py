@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
 from qwenvl_jax.config import ConfigError
 from qwenvl_jax.pretrained import load_pretrained
+from qwenvl_jax.weights.export import copy_side_files
 from qwenvl_jax.weights.load import CheckpointError
-
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "chat_template.json",
-              "chat_template.jinja", "preprocessor_config.json", "video_preprocessor_config.json",
-              "generation_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 def _checkpoint_dtype(path: Path) -> str:
@@ -54,9 +50,7 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    for name in SIDE_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, out / name)
+    copy_side_files(src, out)
     print(f"wrote {out}")
     return 0
 

@@ -1,5 +1,6 @@
 """python -m qwenvl_jax.infer: answer a prompt about images / a video with a Qwen2.5-VL checkpoint.
 
+    python -m qwenvl_jax.infer          # the bundled demo model on its sample picture (draws boxes)
     python -m qwenvl_jax.infer --checkpoint DIR --prompt "Describe the picture." --image cat.jpg
     python -m qwenvl_jax.infer --checkpoint DIR --prompt "Locate the cat." --image cat.jpg --draw out.png
     python -m qwenvl_jax.infer --checkpoint DIR --prompt "What happens?" --video clip.mp4 --stream
@@ -28,12 +29,17 @@ from qwenvl_jax import distributed
 from qwenvl_jax.generation.sampling import SamplingParams
 
 DEFAULT_MAX_NEW_TOKENS = 512
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEMO_MODEL = DEMO_DIR / "model"  # trained by configs/demo.yaml (README: "The bundled demo model")
+DEMO_IMAGE = DEMO_DIR / "sample.png"
+DEMO_PROMPT = "Locate every blue triangle."
+DEMO_DRAW = "demo_boxes.png"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m qwenvl_jax.infer", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="HF Qwen2.5-VL checkpoint directory")
-    ap.add_argument("--prompt", required=True, help="the user's question")
+    ap.add_argument("--checkpoint", help="HF Qwen2.5-VL checkpoint directory (default: the bundled demo model)")
+    ap.add_argument("--prompt", help=f"the user's question (demo default: {DEMO_PROMPT!r})")
     ap.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     ap.add_argument("--video", help="video file, animated GIF/WebP, or a directory of frames")
     ap.add_argument("--system", help="system prompt (default: the chat template's)")
@@ -55,7 +61,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--attention", default="auto", choices=["auto", "xla", "pallas"],
                     help="attention implementation: auto = Pallas kernels on TPU, XLA elsewhere")
     distributed.add_arguments(ap)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.checkpoint is None:  # the bundled demo: its model, its sample picture, boxes drawn
+        args.checkpoint = str(DEMO_MODEL)
+        if args.prompt is None and not args.image and not args.video:
+            args.prompt, args.image = DEMO_PROMPT, [str(DEMO_IMAGE)]
+            args.draw = args.draw or DEMO_DRAW
+            args.max_new_tokens = min(args.max_new_tokens, 128)
+    if args.prompt is None:
+        ap.error("--prompt is required with --checkpoint")
+    return args
 
 
 def sampling_from(checkpoint: Path, args) -> tuple[SamplingParams, list[int] | None]:
@@ -115,6 +130,8 @@ def run(args) -> dict:
     from qwenvl_jax.sharding import Layout
 
     checkpoint = Path(args.checkpoint)
+    if checkpoint == DEMO_MODEL and not (checkpoint / "config.json").is_file():
+        raise ValueError(f"the bundled demo model is missing ({checkpoint}); pass --checkpoint DIR")
     if not args.prompt.strip():
         raise ValueError("--prompt is empty")
     if args.max_new_tokens < 1:

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from hf_reference import hf_config
 from transformers import Qwen2_5_VLConfig as HFConfig
 
-from hf_reference import hf_config
 from qwenvl_jax.config import CONFIGS_DIR, ConfigError, Qwen25VLConfig
 
 PUBLISHED_7B = {  # the hub config.json of Qwen2.5-VL-7B-Instruct (published flat form)

@@ -1,11 +1,11 @@
 """Messages + pictures -> our Processor -> our model, against transformers on the same batch."""
 
 import numpy as np
-from PIL import Image
-
 from hf_reference import build_hf_model, hf_logits, rel_err
-from qwenvl_jax import Processor, get_rope_index, load_pretrained
+from PIL import Image
 from tiny_tokenizer import make_tiny_tokenizer, write_preprocessor_config
+
+from qwenvl_jax import Processor, get_rope_index, load_pretrained
 
 
 def _picture(rng, w, h):

@@ -6,9 +6,9 @@ import sys
 
 import numpy as np
 import pytest
+from hf_reference import hf_greedy
 from PIL import Image
 
-from hf_reference import hf_greedy
 from qwenvl_jax import Processor, get_rope_index
 from qwenvl_jax.infer import main
 

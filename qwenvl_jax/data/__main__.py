@@ -35,8 +35,6 @@ def parse_args(argv=None):
 def run(args) -> dict:
     from pathlib import Path
 
-    import numpy as np
-
     from qwenvl_jax.config import Qwen25VLConfig
     from qwenvl_jax.data.pipeline import DataConfig, SampleEncoder, make_dataset, open_source, skip_report
     from qwenvl_jax.processing.processor import Processor

@@ -24,7 +24,7 @@ import numpy as np
 from qwenvl_jax.config import ConfigError, Qwen25VLConfig
 from qwenvl_jax.data.formats import BAD_FORMAT, REASONS, TOO_LONG, DataError, assistant_labels
 from qwenvl_jax.data.sources import ArrayRecordSource, JsonlSource, open_media, to_conversation
-from qwenvl_jax.model.vision_layout import VisionInputs, empty_row, vision_inputs, window_index
+from qwenvl_jax.model.vision_layout import VisionInputs, empty_row, pad_row, vision_inputs, window_index
 from qwenvl_jax.processing.image import CLIP_MEAN, CLIP_STD
 from qwenvl_jax.processing.rope_index import get_rope_index
 
@@ -39,6 +39,9 @@ class DataConfig:
     patch_budget: int | None = None  # ViT patches per row (default 2 x seq_len)
     slot_budget: int | None = None  # ViT slots per row: patches + window padding (default 1.5 x patches)
     max_items: int = 64  # images + videos per row
+    # Static bound on one image's (or video frame group's) ViT slots: the full-attention blocks
+    # cost O(row slots x this). None: the slot budget (always safe, slowest). Longer items skip.
+    max_item_slots: int | None = None
     batch_size: int = 1  # rows per batch on this process
     min_pixels: int | None = None  # per image (default: the checkpoint's preprocessor config)
     max_pixels: int | None = None
@@ -50,6 +53,10 @@ class DataConfig:
     epochs: int | None = 1  # None: repeat forever (training)
     on_bad_sample: str = "skip"  # or "raise"
     workers: int = 0  # grain worker processes
+
+    def item_slots(self, window_patches: int) -> int:
+        _, slots = self.budgets(window_patches)
+        return min(slots, -(-self.max_item_slots // window_patches) * window_patches) if self.max_item_slots else slots
 
     def budgets(self, window_patches: int) -> tuple[int, int]:
         patches = self.patch_budget or 2 * self.seq_len
@@ -86,6 +93,7 @@ class SampleEncoder:
         self.processor, self.config, self.data = processor, config, data
         self.data_root = None if data_root is None else str(data_root)
         self.patch_budget, self.slot_budget = data.budgets(config.vision.window_patches)
+        self.item_slots = data.item_slots(config.vision.window_patches)
         for name in ("image_token_id", "video_token_id"):
             if getattr(processor, name) != getattr(config, name):
                 raise ConfigError(f"{name}: the tokenizer has {getattr(processor, name)}, the model config "
@@ -122,15 +130,19 @@ class SampleEncoder:
         grids = np.concatenate(grids).astype(np.int32) if grids else np.zeros((0, 3), np.int32)
         pixels = [p for p in (batch.get("pixel_values"), batch.get("pixel_values_videos")) if p is not None]
         patches = np.concatenate(pixels) if pixels else np.zeros((0, v.patch_dim), np.uint8)
-        slots = 0
+        slots = item_slots = 0
         if len(grids):
             _, unit_window = window_index(grids, v)
             slots = (int(unit_window.max()) + 1) * v.window_patches
+            vw = v.window_size // (v.patch_size * v.spatial_merge_size)
+            m = v.spatial_merge_size
+            item_slots = max(-(-(h // m) // vw) * -(-(w // m) // vw) for _, h, w in grids.tolist()) * v.window_patches
         if n > self.data.seq_len or len(patches) > self.patch_budget or slots > self.slot_budget \
-                or len(grids) > self.data.max_items:
-            raise DataError(TOO_LONG, f"sample needs {n} tokens, {len(patches)} patches, {slots} ViT slots, "
-                                      f"{len(grids)} items; budgets {self.data.seq_len}, {self.patch_budget}, "
-                                      f"{self.slot_budget}, {self.data.max_items}")
+                or len(grids) > self.data.max_items or item_slots > self.item_slots:
+            raise DataError(TOO_LONG, f"sample needs {n} tokens, {len(patches)} patches, {slots} ViT slots "
+                                      f"({item_slots} for its largest item), {len(grids)} items; budgets "
+                                      f"{self.data.seq_len}, {self.patch_budget}, {self.slot_budget} "
+                                      f"({self.item_slots}), {self.data.max_items}")
         positions, _ = get_rope_index(
             ids[None], image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
             image_grid_thw=batch.get("image_grid_thw"), video_grid_thw=batch.get("video_grid_thw"),
@@ -187,18 +199,10 @@ class RowLayout:
 
 
 def pad_vision_row(vi: VisionInputs, patches: int, slots: int, mu: int) -> dict:
-    """One row's layout padded to the budgets (see vision_layout.stack_rows)."""
-    u = patches // mu
-    units = vi.reverse_index.shape[0]
-
-    def pad(x, n, fill=0):
-        return np.concatenate([x, np.full((n - x.shape[0], *x.shape[1:]), fill, x.dtype)])
-
-    pixel_values = pad(vi.pixel_values.astype(np.uint8, copy=False), patches)
-    return {"pixel_values": pixel_values,
-            "unit_index": pad(np.where(vi.unit_index >= units, u, vi.unit_index).astype(np.int32), slots // mu, u),
-            "reverse_index": pad(vi.reverse_index, u, slots // mu - 1), "rotary_pos": pad(vi.rotary_pos, slots),
-            "window_segment_ids": pad(vi.window_segment_ids, slots), "full_segment_ids": pad(vi.full_segment_ids, slots)}
+    """One row's layout at the budgets, pixels kept uint8 (normalized on device)."""
+    row = pad_row(vi, patches, slots, mu)
+    row["pixel_values"] = row["pixel_values"].astype(np.uint8, copy=False)
+    return row
 
 
 VISION_KEYS = ("pixel_values", "unit_index", "reverse_index", "rotary_pos", "window_segment_ids", "full_segment_ids")
@@ -206,9 +210,8 @@ VISION_KEYS = ("pixel_values", "unit_index", "reverse_index", "rotary_pos", "win
 
 def batch_vision(batch: dict, config: Qwen25VLConfig, data: DataConfig) -> VisionInputs:
     """The VisionInputs (one row per batch row) of a batch from `make_dataset`."""
-    _, slots = data.budgets(config.vision.window_patches)
     return VisionInputs(**{k: batch[k] for k in VISION_KEYS}, window_len=config.vision.window_patches,
-                        max_full_len=slots)
+                        max_full_len=data.item_slots(config.vision.window_patches))
 
 
 def make_dataset(source, encoder: SampleEncoder, config: Qwen25VLConfig, data: DataConfig, *,

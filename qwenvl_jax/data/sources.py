@@ -24,9 +24,19 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageOps
 
-from qwenvl_jax.data.formats import (BAD_FORMAT, CORRUPT_IMAGE, CORRUPT_VIDEO, MALFORMED_JSON, MISSING_IMAGE,
-                                     MISSING_VIDEO, Conversation, DataError, MediaBlob, media_references,
-                                     parse_record)
+from qwenvl_jax.data.formats import (
+    BAD_FORMAT,
+    CORRUPT_IMAGE,
+    CORRUPT_VIDEO,
+    MALFORMED_JSON,
+    MISSING_IMAGE,
+    MISSING_VIDEO,
+    Conversation,
+    DataError,
+    MediaBlob,
+    media_references,
+    parse_record,
+)
 from qwenvl_jax.processing.image import ImageLoadError, load_image
 from qwenvl_jax.processing.video_io import VideoLoadError, read_video
 

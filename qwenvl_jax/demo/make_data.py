@@ -95,7 +95,8 @@ def scale_box(box, original_hw, resized_hw) -> list[int]:
 
 
 def grounding_answer(boxes: list[list[int]], label: str) -> str:
-    """Compact JSON, left to right: fewer tokens to learn than Qwen's fenced, spaced form; parse_grounding reads both."""
+    """Compact JSON, left to right: fewer tokens to learn than Qwen's fenced, spaced form
+    (parse_grounding reads both), and one canonical order so the target is deterministic."""
     items = [{"bbox_2d": b, "label": label} for b in sorted(boxes, key=lambda b: (b[0], b[1]))]
     return json.dumps(items, separators=(",", ":"))
 
@@ -228,7 +229,7 @@ def write_demo_tokenizer(out_dir) -> dict[str, int]:
     with _patched(tiny_tokenizer, CORPUS=demo_corpus(), TRAIN_VOCAB=DEMO_VOCAB):
         ids = tiny_tokenizer.make_tiny_tokenizer(out_dir)
     if ids["vocab_size"] >= 512:
-        raise AssertionError(f"demo tokenizer has {ids['vocab_size']} ids; the tiny preset holds 512")
+        raise RuntimeError(f"demo tokenizer has {ids['vocab_size']} ids; the tiny preset holds 512")
     return ids
 
 

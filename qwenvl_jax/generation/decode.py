@@ -30,6 +30,7 @@ from flax import nnx, struct
 from qwenvl_jax.batch import ModelInputs
 from qwenvl_jax.generation.sampling import SamplingParams, sample
 from qwenvl_jax.model.decoder import KVCache
+from qwenvl_jax.model.vision_layout import bucket_rows
 from qwenvl_jax.pretrained import put_optional, put_vision
 from qwenvl_jax.sharding import Layout, active, to_host
 
@@ -202,7 +203,8 @@ def generate(model, inputs: ModelInputs, *, max_new_tokens: int, eos_token_ids, 
     rows = ("batch", "length")
     index = None if inputs.vision_token_index is None else np.pad(inputs.vision_token_index, ((0, 0), (pad, 0)),
                                                                   constant_values=-1)
-    args = (put(ids, rows), put(pos, (None, *rows)), put(seg, rows), put_vision(lay, inputs.vision),
+    vision = None if inputs.vision is None else bucket_rows(inputs.vision)
+    args = (put(ids, rows), put(pos, (None, *rows)), put(seg, rows), put_vision(lay, vision),
             put_optional(lay, index, rows), put(np.uint32(seed)),
             {k: put(v) for k, v in sampling.as_arrays().items()}, put(np.asarray(list(eos_token_ids), np.int32)),
             put(np.int32(pad_token_id)))

@@ -116,10 +116,10 @@ def _fwd_kernel(start_ref, count_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref
 
     @pl.when(j == steps - 1)
     def _finish():
-        l = l_sc[...]
-        safe = jnp.where(l == 0.0, 1.0, l)
+        denom = l_sc[...]
+        safe = jnp.where(denom == 0.0, 1.0, denom)
         o_ref[0] = (acc_sc[...] / _lanes_to(safe, acc_sc.shape[1])).astype(o_ref.dtype)
-        lse_ref[0] = jnp.where(l == 0.0, 0.0, m_sc[...] + jnp.log(safe))
+        lse_ref[0] = jnp.where(denom == 0.0, 0.0, m_sc[...] + jnp.log(safe))
 
 
 def _dq_kernel(start_ref, count_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,

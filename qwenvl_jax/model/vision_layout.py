@@ -35,33 +35,54 @@ class VisionInputs:
         return self.reverse_index.shape[-1]
 
 
-def stack_rows(rows: list[VisionInputs], patches: int | None = None, slots: int | None = None,
-               merge_unit: int = 4) -> VisionInputs:
-    """Stacks per-row layouts into the model's batched form (leading row axis R), padded to
-    `patches` patches and `slots` slots per row (default: the largest row). Padding patches are
-    zeros, padding slots have segment id 0, and padding units point at a padding slot; the
-    model never reads their outputs. Packed training uses fixed budgets, so shapes (and the
-    static max_full_len, set to the slot budget) never change between batches."""
-    p = max([r.pixel_values.shape[0] for r in rows] + [patches or 0])
-    s = max([r.window_segment_ids.shape[0] for r in rows] + [slots or 0])
-    mu = merge_unit
-    u = p // mu
-    if patches is not None and p > patches or slots is not None and s > slots:
-        raise ValueError(f"vision rows need {p} patches / {s} slots, over the budget {patches} / {slots}")
+def pad_row(vi: VisionInputs, patches: int, slots: int, merge_unit: int = 4) -> dict[str, np.ndarray]:
+    """One row's arrays padded to `patches` patches and `slots` slots. Padding patches are zeros,
+    padding slots have segment id 0, padding units point at the last slot; the model never reads
+    their outputs."""
+    u = patches // merge_unit
+    units = vi.reverse_index.shape[0]
+    if vi.pixel_values.shape[0] > patches or vi.window_segment_ids.shape[0] > slots:
+        raise ValueError(f"vision row needs {vi.pixel_values.shape[0]} patches / {vi.window_segment_ids.shape[0]} "
+                         f"slots, over the budget {patches} / {slots}")
 
     def pad(x, n, fill=0):
         return np.concatenate([x, np.full((n - x.shape[0], *x.shape[1:]), fill, x.dtype)])
 
-    out = []
-    for r in rows:
-        units = r.reverse_index.shape[0]
-        unit_index = np.where(r.unit_index >= units, u, r.unit_index)  # padding unit: one past the end
-        out.append(dict(pixel_values=pad(r.pixel_values, p), unit_index=pad(unit_index, s // mu, u),
-                        reverse_index=pad(r.reverse_index, u, s // mu - 1), rotary_pos=pad(r.rotary_pos, s),
-                        window_segment_ids=pad(r.window_segment_ids, s), full_segment_ids=pad(r.full_segment_ids, s)))
+    unit_index = np.where(vi.unit_index >= units, u, vi.unit_index).astype(np.int32)  # padding unit: past the end
+    return dict(pixel_values=pad(vi.pixel_values, patches), unit_index=pad(unit_index, slots // merge_unit, u),
+                reverse_index=pad(vi.reverse_index, u, slots // merge_unit - 1), rotary_pos=pad(vi.rotary_pos, slots),
+                window_segment_ids=pad(vi.window_segment_ids, slots), full_segment_ids=pad(vi.full_segment_ids, slots))
+
+
+def stack_rows(rows: list[VisionInputs], patches: int | None = None, slots: int | None = None,
+               merge_unit: int = 4) -> VisionInputs:
+    """Stacks per-row layouts into the model's batched form (leading row axis R), padded to
+    `patches` patches and `slots` slots per row (default: the largest row; see pad_row). With
+    fixed budgets (packed training) shapes and the static max_full_len (the slot budget) never
+    change between batches."""
+    p = max([r.pixel_values.shape[0] for r in rows] + [patches or 0])
+    s = max([r.window_segment_ids.shape[0] for r in rows] + [slots or 0])
+    out = [pad_row(r, p, s, merge_unit) for r in rows]
     arrays = {k: np.stack([o[k] for o in out]) for k in out[0]}
     max_full = s if slots is not None else max(r.max_full_len for r in rows)
     return VisionInputs(**arrays, window_len=rows[0].window_len, max_full_len=max_full)
+
+
+def bucket_rows(vision: VisionInputs, merge_unit: int = 4) -> VisionInputs:
+    """Pads batched rows to bucketed patch / slot counts (4 sizes per octave) and buckets the
+    static max_full_len, so images of new sizes rarely mean a new compile (generation, eval)."""
+    from qwenvl_jax.generation.decode import bucket
+
+    rows = [VisionInputs(**{k: getattr(vision, k)[i] for k in _ARRAYS}, window_len=vision.window_len,
+                         max_full_len=vision.max_full_len) for i in range(vision.pixel_values.shape[0])]
+    w = vision.window_len
+    patches = -(-bucket(vision.pixel_values.shape[1], 64) // merge_unit) * merge_unit
+    slots = -(-bucket(vision.window_segment_ids.shape[1], w) // w) * w
+    out = stack_rows(rows, patches=patches, slots=slots, merge_unit=merge_unit)
+    return out.replace(max_full_len=min(bucket(vision.max_full_len, w), slots))
+
+
+_ARRAYS = ("pixel_values", "unit_index", "reverse_index", "rotary_pos", "window_segment_ids", "full_segment_ids")
 
 
 def empty_row(cfg: VisionConfig) -> VisionInputs:

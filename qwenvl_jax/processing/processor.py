@@ -19,8 +19,14 @@ import numpy as np
 from PIL import Image
 
 from qwenvl_jax.processing.image import CLIP_MEAN, CLIP_STD, preprocess_image
-from qwenvl_jax.processing.text import (IMAGE_TOKEN, VIDEO_TOKEN, Tokenizer, expand_vision_placeholders,
-                                        load_chat_template, render_chat_template)
+from qwenvl_jax.processing.text import (
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    Tokenizer,
+    expand_vision_placeholders,
+    load_chat_template,
+    render_chat_template,
+)
 from qwenvl_jax.processing.video import preprocess_video
 
 # transformers' class defaults, used only when preprocessor_config.json names no limits (SPEC 1.1)

@@ -25,7 +25,6 @@ from flax import nnx
 from qwenvl_jax import distributed
 from qwenvl_jax.config import ConfigError, Qwen25VLConfig
 from qwenvl_jax.data.pipeline import SampleEncoder, make_dataset, open_source, skip_report
-from qwenvl_jax.data.formats import REASONS
 from qwenvl_jax.model.qwen25vl import Qwen25VL
 from qwenvl_jax.pretrained import resolve_dtype, with_attention_impl
 from qwenvl_jax.processing.processor import Processor
@@ -33,7 +32,7 @@ from qwenvl_jax.sharding import Layout, param_shardings
 from qwenvl_jax.train import step as steplib
 from qwenvl_jax.train.config import TrainConfig
 from qwenvl_jax.train.synthetic import write_synthetic_dataset
-from qwenvl_jax.weights.export import save_hf_checkpoint
+from qwenvl_jax.weights.export import copy_side_files, save_hf_checkpoint
 from qwenvl_jax.weights.load import abstract_model, load_params
 
 PEAK_BF16_TFLOPS = {"TPU v4": 275, "TPU v5 lite": 197, "TPU v5e": 197, "TPU v5p": 459, "TPU v5": 459,
@@ -173,7 +172,8 @@ def run(cfg: TrainConfig) -> dict:
 
     _, slots = data.budgets(config.vision.window_patches)
     step_cfg = steplib.StepConfig(groups=cfg.trainable, remat=t.remat, window_len=config.vision.window_patches,
-                                  max_full_len=slots, max_bad_steps=t.max_bad_steps)
+                                  max_full_len=data.item_slots(config.vision.window_patches),
+                                  max_bad_steps=t.max_bad_steps)
     flops_token = train_flops_per_token(config, data.seq_len)
     flops_patch = vision_flops_per_patch(config)
     peak = PEAK_BF16_TFLOPS.get(jax.devices()[0].device_kind)
@@ -234,6 +234,7 @@ def run(cfg: TrainConfig) -> dict:
         if cfg.export_hf:
             params = nnx.merge(graphdef, state.params)
             save_hf_checkpoint(cfg.export_hf, nnx.state(params), config)
+            copy_side_files(tokenizer_dir, cfg.export_hf)  # tokenizer, template, processor: a complete checkpoint
             say(f"exported HF checkpoint to {cfg.export_hf}", file=sys.stderr)
         return last
     finally:

@@ -18,6 +18,24 @@ from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.weights import hf_keys
 from qwenvl_jax.weights.load import INDEX_FILE
 
+# Tokenizer, chat template, processor and generation settings: copied next to exported weights
+# so the result is a complete checkpoint (transformers, vLLM and our infer load it as is).
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "chat_template.json",
+              "chat_template.jinja", "preprocessor_config.json", "video_preprocessor_config.json",
+              "generation_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def copy_side_files(src: str | Path, out: str | Path) -> list[str]:
+    """Copies the SIDE_FILES that exist in src to out; returns their names."""
+    import shutil
+
+    src, out = Path(src), Path(out)
+    copied = [n for n in SIDE_FILES if (src / n).is_file()]
+    for name in copied:
+        shutil.copy2(src / name, out / name)
+    return copied
+
+
 _DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 _TORCH_DTYPE = {np.dtype(v): k for k, v in _DTYPES.items()}
 

@@ -6,11 +6,18 @@ import pickle
 import numpy as np
 import pytest
 from PIL import Image
-
-from qwenvl_jax.data.formats import (REASONS, Conversation, DataError, MediaBlob, assistant_labels,
-                                     media_references, parse_record)
-from qwenvl_jax.processing.processor import Processor
 from tiny_tokenizer import make_tiny_tokenizer, write_preprocessor_config
+
+from qwenvl_jax.data.formats import (
+    REASONS,
+    Conversation,
+    DataError,
+    MediaBlob,
+    assistant_labels,
+    media_references,
+    parse_record,
+)
+from qwenvl_jax.processing.processor import Processor
 
 
 def user(*parts):

@@ -4,9 +4,9 @@ import json
 
 import numpy as np
 import pytest
+from hf_reference import rel_err
 from PIL import Image
 
-from hf_reference import rel_err
 from qwenvl_jax.batch import ModelInputs
 from qwenvl_jax.data.formats import REASONS
 from qwenvl_jax.data.pipeline import DataConfig, SampleEncoder, batch_vision, make_dataset, open_source, skip_report
@@ -128,8 +128,8 @@ def test_packed_rows_give_each_sample_its_own_logits(chat_checkpoint, dataset_fi
 def test_resume_gives_the_same_batches(chat_checkpoint, dataset_files, tmp_path):
     """Stop after k batches, save the iterator with orbax, restore into a fresh pipeline: the next
     batches equal those of an uninterrupted run."""
-    import orbax.checkpoint as ocp
     import grain
+    import orbax.checkpoint as ocp
 
     data = DataConfig(seq_len=256, patch_budget=512, max_items=8, batch_size=1, shuffle=True, seed=3,
                       packing_bins=2, epochs=3)

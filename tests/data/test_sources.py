@@ -9,8 +9,18 @@ from array_record.python.array_record_module import ArrayRecordReader
 from PIL import Image
 
 from qwenvl_jax.data.formats import DataError, MediaBlob, parse_record
-from qwenvl_jax.data.sources import (ArrayRecordSource, JsonlSource, decode_record, encode_record, open_image,
-                                     open_media, open_video, parse_line, to_conversation, write_array_record)
+from qwenvl_jax.data.sources import (
+    ArrayRecordSource,
+    JsonlSource,
+    decode_record,
+    encode_record,
+    open_image,
+    open_media,
+    open_video,
+    parse_line,
+    to_conversation,
+    write_array_record,
+)
 from qwenvl_jax.processing.image import load_image
 
 

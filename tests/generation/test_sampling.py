@@ -5,11 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
-                                                    TopPLogitsWarper)
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
-from qwenvl_jax.generation.sampling import (SamplingParams, apply_repetition_penalty, sample, top_k_filter,
-                                            top_p_filter)
+from qwenvl_jax.generation.sampling import SamplingParams, apply_repetition_penalty, sample, top_k_filter, top_p_filter
 
 RNG = np.random.default_rng(0)
 LOGITS = RNG.standard_normal((4, 50)).astype(np.float32) * 3

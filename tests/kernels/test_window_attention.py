@@ -174,6 +174,7 @@ def test_decoder_splash_attention_lowers_for_tpu_and_matches():
     want = attend(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True)
     real = np.asarray(seg) > 0
     assert _rel(got[real], want[real]) <= 1e-5
-    spec = [jax.ShapeDtypeStruct(x.shape, jnp.bfloat16) for x in (q, k, v)] + [jax.ShapeDtypeStruct(seg.shape, jnp.int32)]
+    spec = [jax.ShapeDtypeStruct(x.shape, jnp.bfloat16) for x in (q, k, v)]
+    spec.append(jax.ShapeDtypeStruct(seg.shape, jnp.int32))
     exported = jax.export.export(jax.jit(causal_attention), platforms=["tpu"])(*spec)
     assert exported.mlir_module().count("tpu_custom_call") >= 1

@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 import torch
-
 from hf_reference import TOKENS, hf_logits, rel_err
+
 from qwenvl_jax.model.vision_layout import stack_rows, vision_inputs
 from qwenvl_jax.pretrained import load_pretrained
 from qwenvl_jax.processing.rope_index import get_rope_index

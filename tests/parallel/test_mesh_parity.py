@@ -3,8 +3,8 @@ logits (within 1e-5) and the same greedy tokens, and its parameters really are s
 
 import numpy as np
 import pytest
-
 from hf_reference import TOKENS
+
 from qwenvl_jax.generation.decode import generate
 from qwenvl_jax.pretrained import load_pretrained
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from hf_reference import TOKENS
+
 from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.generation.decode import generate
 from qwenvl_jax.pretrained import init_model, load_pretrained

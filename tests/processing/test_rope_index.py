@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from hf_reference import TOKENS
+
 from qwenvl_jax.processing.rope_index import get_rope_index
 
 IMG, VID = TOKENS["image_token_id"], TOKENS["video_token_id"]

@@ -9,8 +9,13 @@ from PIL import Image
 from tiny_tokenizer import NAMED_IDS, PLAIN_ADDED_TOKENS, SPECIAL_TOKENS, make_tiny_tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from qwenvl_jax.processing.text import (DEFAULT_CHAT_TEMPLATE, Tokenizer, expand_vision_placeholders,
-                                        load_chat_template, render_chat_template)
+from qwenvl_jax.processing.text import (
+    DEFAULT_CHAT_TEMPLATE,
+    Tokenizer,
+    expand_vision_placeholders,
+    load_chat_template,
+    render_chat_template,
+)
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,14 @@ from PIL import Image
 
 from qwenvl_jax.processing.image import smart_resize
 from qwenvl_jax.processing.video import preprocess_video
-from qwenvl_jax.processing.video_io import (VideoLoadError, frame_indices, frame_pixel_limits, read_video,
-                                            second_per_grid_t, smart_nframes)
+from qwenvl_jax.processing.video_io import (
+    VideoLoadError,
+    frame_indices,
+    frame_pixel_limits,
+    read_video,
+    second_per_grid_t,
+    smart_nframes,
+)
 
 # 27 colours far apart (levels 0/128/255), so lossy codecs cannot turn one into another
 PALETTE = np.array(list(itertools.product((0, 128, 255), repeat=3)), np.uint8)

@@ -1,7 +1,6 @@
 """The train step: gradients equal transformers' on the same batch and loss; freezing; a sharded
 step equals the single-device step; a tiny model overfits a small packed dataset."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-
 from hf_reference import TOKENS
+
 from qwenvl_jax.data.pipeline import DataConfig, SampleEncoder, make_dataset, open_source
 from qwenvl_jax.pretrained import load_pretrained
 from qwenvl_jax.processing.processor import Processor

@@ -8,10 +8,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from hf_reference import hf_logits, rel_err
 from safetensors.numpy import load_file, save_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from hf_reference import hf_logits, rel_err
 from qwenvl_jax.pretrained import load_pretrained
 from qwenvl_jax.weights.hf_keys import canonical_name
 from qwenvl_jax.weights.load import CheckpointError

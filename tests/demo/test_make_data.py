@@ -1,0 +1,170 @@
+"""The shapes demo data: deterministic, and every answer is what the saved picture shows."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+from tokenizers import Tokenizer
+
+from qwenvl_jax.data.formats import parse_record
+from qwenvl_jax.demo.make_data import COLORS, SHAPES, main, make_dataset, write_demo_tokenizer
+from qwenvl_jax.generation.grounding import ground, parse_grounding
+from qwenvl_jax.processing.image import smart_resize
+from qwenvl_jax.processing.processor import Processor
+from qwenvl_jax.processing.tiny_tokenizer import SPECIAL_TOKENS
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    return root, _records(make_dataset(root, 150, seed=7))
+
+
+def _components(mask: np.ndarray) -> list[tuple[int, int, int, int, int]]:
+    """4-connected components of a boolean mask as (x1, y1, x2, y2, pixel count), without scipy.
+
+    Each pixel's label is a flat index in its component (its own at first): take the neighbours'
+    minimum, then jump pointers (label = label[label]) so labels settle in a few rounds.
+    """
+    big = mask.size
+    label = np.where(mask, np.arange(big).reshape(mask.shape), big)
+    while True:
+        p = np.pad(label, 1, constant_values=big)
+        new = np.where(mask, np.minimum.reduce([label, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]]), big)
+        for _ in range(4):
+            new = np.append(new.ravel(), big)[new]
+        if np.array_equal(new, label):
+            break
+        label = new
+    out = []
+    for v in np.unique(label[mask]):
+        ys, xs = np.nonzero(label == v)
+        out.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, len(xs)))
+    return out
+
+
+def _detect(path) -> list[dict]:
+    """Shapes found in a PNG: colour by exact RGB, kind by how much of its box it fills."""
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    found = []
+    for name, rgb in COLORS.items():
+        for x1, y1, x2, y2, n in _components((pixels == rgb).all(-1)):
+            fill = n / ((x2 - x1) * (y2 - y1))
+            kind = "square" if fill > 0.95 else "circle" if fill > 0.68 else "triangle"
+            found.append({"color": name, "shape": kind, "bbox": [int(x1), int(y1), int(x2), int(y2)]})
+    return found
+
+
+def test_same_seed_same_bytes(tmp_path):
+    a = make_dataset(tmp_path / "a", 30, seed=3)
+    b = make_dataset(tmp_path / "b", 30, seed=3)
+    c = make_dataset(tmp_path / "c", 30, seed=4)
+    assert a.read_bytes() == b.read_bytes() != c.read_bytes()
+    for rec in _records(a):
+        assert (a.parent / rec["image"]).read_bytes() == (b.parent / rec["image"]).read_bytes()
+
+
+def test_records_parse_and_mix(dataset):
+    root, records = dataset
+    for rec in records:  # the "meta" key does not disturb the training format
+        conv = parse_record(rec, root)
+        assert conv.messages[1]["content"][0]["text"] == rec["meta"]["answer"]
+    tasks = [r["meta"]["task"] for r in records]
+    assert 0.25 < tasks.count("count") / len(tasks) < 0.6 and tasks.count("ground") / len(tasks) > 0.25
+    assert tasks.count("attribute") > 10
+
+
+def test_shapes_inside_and_apart(dataset):
+    _, records = dataset
+    sizes = set()
+    for rec in records:
+        h, w = rec["meta"]["original_hw"]
+        sizes.add((h, w))
+        assert 160 <= h <= 448 and 160 <= w <= 448
+        boxes = [s["bbox"] for s in rec["meta"]["shapes"]]
+        assert 1 <= len(boxes) <= 5
+        for i, (x1, y1, x2, y2) in enumerate(boxes):
+            assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h and 24 <= max(x2 - x1, y2 - y1) <= 96
+            for a1, b1, a2, b2 in boxes[i + 1:]:
+                assert x2 <= a1 or a2 <= x1 or y2 <= b1 or b2 <= y1
+    assert len(sizes) > 50
+
+
+def test_answers_match_the_pixels(dataset):
+    root, records = dataset
+    question = re.compile(r"How many (?:(red|green|blue|yellow) )?(circle|square|triangle|shape)s are there\?")
+    checked = set()
+    for rec in records:
+        meta = rec["meta"]
+        found = _detect(root / rec["image"])
+        key = lambda s: (s["bbox"], s["color"], s["shape"])  # noqa: E731
+        assert sorted(map(key, found)) == sorted(map(key, meta["shapes"]))  # drawn = described
+        q = rec["conversations"][0]["value"].removeprefix("<image>\n")
+        if meta["task"] == "count":
+            color, kind = question.fullmatch(q).groups()
+            n = sum((color is None or s["color"] == color) and kind in ("shape", s["shape"]) for s in found)
+            assert meta["answer"] == str(n)
+        elif meta["task"] == "attribute":
+            if m := re.fullmatch(r"What color is the (\w+)\?", q):
+                [hit] = [s for s in found if s["shape"] == m.group(1)]
+                assert meta["answer"] == hit["color"]
+            else:
+                color = re.fullmatch(r"What shape is the (\w+) object\?", q).group(1)
+                [hit] = [s for s in found if s["color"] == color]
+                assert meta["answer"] == hit["shape"]
+        checked.add(meta["task"])
+    assert checked == {"count", "attribute", "ground"}
+
+
+@pytest.mark.parametrize("max_pixels", [200704, 50176])
+def test_boxes_in_resized_pixels(tmp_path, max_pixels):
+    records = _records(make_dataset(tmp_path, 60, seed=1, mix=(0, 0, 1), max_pixels=max_pixels))
+    for rec in records:
+        meta = rec["meta"]
+        (oh, ow), (rh, rw) = meta["original_hw"], meta["resized_hw"]
+        assert (rh, rw) == smart_resize(oh, ow, factor=28, min_pixels=3136, max_pixels=max_pixels)
+        label = re.fullmatch(r"<image>\nLocate (?:the|every) (\w+ \w+)\.", rec["conversations"][0]["value"]).group(1)
+        truth = sorted(s["bbox"] for s in meta["shapes"] if f"{s['color']} {s['shape']}" == label)
+        items = parse_grounding(meta["answer"])
+        assert [i["bbox_2d"] for i in items] == meta["boxes_resized"]
+        assert [i["bbox_2d"][0] for i in items] == sorted(i["bbox_2d"][0] for i in items)  # left to right
+        assert {i["label"] for i in items} == {label} and len(items) == len(truth)
+        for box, (x1, y1, x2, y2) in zip(sorted(meta["boxes_resized"]), truth):
+            assert box == [round(x1 * rw / ow), round(y1 * rh / oh), round(x2 * rw / ow), round(y2 * rh / oh)]
+        back = sorted(i["bbox_2d"] for i in ground(meta["answer"], (oh, ow), (rh, rw)))
+        assert np.allclose(back, truth, atol=0.5 * max(ow / rw, oh / rh) + 1e-6)
+        assert meta["answer"] == rec["conversations"][1]["value"] and " " not in meta["answer"].replace(label, "")
+
+
+def test_tokenizer_covers_the_answers(tmp_path, dataset):
+    ids = write_demo_tokenizer(tmp_path)
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert ids["vocab_size"] == tok.get_vocab_size() < 512
+    assert max(tok.token_to_id(t) for t in SPECIAL_TOKENS) < 512
+    texts = [t for r in dataset[1] for t in (r["meta"]["answer"], r["conversations"][0]["value"])]
+    for text in texts:
+        enc = tok.encode(text)
+        assert tok.decode(enc.ids) == text
+    for c in COLORS:  # template words are single tokens, not spelled out
+        for s in SHAPES:
+            assert len(tok.encode(f" {c} {s}").ids) == 2
+
+
+def test_cli_dir_is_a_processor_dir(tmp_path):
+    assert main(["--out", str(tmp_path), "--n", "12", "--seed", "2", "--max-pixels", "50176",
+                 "--name", "eval.jsonl"]) == 0
+    records = _records(tmp_path / "eval.jsonl")
+    assert len(records) == 12 and all(r["image"].startswith("images/eval_") for r in records)
+    processor = Processor.from_pretrained(tmp_path)  # the boxes' frame is the one the processor feeds the model
+    for rec in records[:4]:
+        batch = processor(text="<|vision_start|><|image_pad|><|vision_end|>", images=[str(tmp_path / rec["image"])])
+        _, gh, gw = batch["image_grid_thw"][0]
+        assert [gh * 14, gw * 14] == rec["meta"]["resized_hw"]
+    assert main(["--out", str(tmp_path), "--n", "0"]) == 1
+    assert main(["--out", str(tmp_path), "--mix", "1,2"]) == 1
