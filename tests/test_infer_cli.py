@@ -126,3 +126,14 @@ def test_video_greedy_matches_reference(chat_checkpoint, tmp_path, capsys):
     ref = hf_greedy(hf, 6, input_ids=batch["input_ids"], position_ids=pos,
                     pixel_values_videos=batch["pixel_values_videos"], video_grid_thw=batch["video_grid_thw"])
     assert result["token_ids"] == ref[0].tolist()
+
+
+def test_no_arguments_without_the_bundled_model(capsys, monkeypatch, tmp_path):
+    """With no arguments infer uses the bundled demo model; while it is not shipped that is one
+    clear error line, not a traceback."""
+    import qwenvl_jax.infer as infer
+
+    monkeypatch.setattr(infer, "DEMO_MODEL", tmp_path / "model")
+    code, _, err = _run(capsys)
+    assert code == 1 and "bundled demo model is missing" in err and "--checkpoint" in err
+    assert len(err.strip().splitlines()) == 1
