@@ -1,3 +1,3 @@
 """The tests' tiny tokenizer lives in the package (the training demo builds one too)."""
 
-from qwenvl_jax.processing.tiny_tokenizer import make_tiny_tokenizer, write_preprocessor_config  # noqa: F401
+from qwenvl_jax.processing.tiny_tokenizer import *  # noqa: F401,F403
