@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
+from qwenvl_jax.cli import user_error
 from qwenvl_jax.data.formats import parse_record
 from qwenvl_jax.generation.grounding import BOX, parse_grounding
 
@@ -234,11 +234,7 @@ def main(argv=None) -> int:
             Path(args.predictions).write_text("".join(json.dumps({"id": r.get("id", i), **row}) + "\n"
                                                       for i, (r, row) in enumerate(zip(records, rows))))
     except (ValueError, OSError, KeyError) as e:  # user errors: one line, no traceback
-        if os.environ.get("QWENVL_DEBUG"):
-            raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
+        return user_error(e)
     print(json.dumps(result))
     return 0
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import jax
 
 from qwenvl_jax import distributed
+from qwenvl_jax.cli import user_error
 from qwenvl_jax.generation.sampling import SamplingParams
 
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -192,11 +192,7 @@ def main(argv=None) -> int:
         distributed.initialize_from_args(args)
         result = run(args)
     except (ValueError, OSError, KeyError) as e:  # user errors: one line, no traceback
-        if os.environ.get("QWENVL_DEBUG"):
-            raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
+        return user_error(e)
     if args.json:
         say(json.dumps(result))
     return 0

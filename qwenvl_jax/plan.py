@@ -42,7 +42,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 
 import jax
@@ -52,6 +51,7 @@ import optax
 from flax import nnx
 from jax.sharding import AbstractMesh
 
+from qwenvl_jax.cli import user_error
 from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.sharding import DEFAULT_RULES, MESH_AXES, Layout, MeshConfig, MeshError
 
@@ -431,10 +431,7 @@ def main(argv=None) -> int:
                               image_tokens=args.image_tokens, loss_chunk=args.loss_chunk,
                               attention=args.attention))
     except ValueError as e:  # PlanError, ConfigError, MeshError: one line, no traceback
-        if os.environ.get("QWENVL_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return user_error(e)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
 

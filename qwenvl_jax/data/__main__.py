@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
+
+from qwenvl_jax.cli import user_error
 
 
 def parse_args(argv=None):
@@ -71,10 +72,7 @@ def main(argv=None) -> int:
     try:
         result = run(args)
     except (ValueError, OSError) as e:  # user errors (bad paths, bad config, a fatal bad sample): one line
-        if os.environ.get("QWENVL_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return user_error(e)
     print(json.dumps(result))
     return 0
 

@@ -214,18 +214,23 @@ def batch_vision(batch: dict, config: Qwen25VLConfig, data: DataConfig) -> Visio
                         max_full_len=data.item_slots(config.vision.window_patches))
 
 
+def record_order(source, data: DataConfig, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """The records this process reads, in order: seeded shuffle of the whole source, then every
+    process_count-th record, repeated for data.epochs (None: forever)."""
+    ds = grain.MapDataset.source(source)
+    if data.shuffle:
+        ds = ds.shuffle(seed=data.seed)
+    ds = ds[process_index::process_count]
+    return ds.repeat(data.epochs) if data.epochs != 1 else ds
+
+
 def make_dataset(source, encoder: SampleEncoder, config: Qwen25VLConfig, data: DataConfig, *,
                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """The whole pipeline as a grain IterDataset of batches (dicts of numpy arrays, leading dim
     data.batch_size). Each process reads every process_count-th record of the shuffled order."""
     data.validate()
     patches, slots = data.budgets(config.vision.window_patches)
-    ds = grain.MapDataset.source(source)
-    if data.shuffle:
-        ds = ds.shuffle(seed=data.seed)
-    ds = ds[process_index::process_count]
-    ds = ds.repeat(data.epochs) if data.epochs != 1 else ds
-    ds = ds.map(encoder).to_iter_dataset()
+    ds = record_order(source, data, process_index, process_count).map(encoder).to_iter_dataset()
     length = {"input_ids": data.seq_len, "labels": data.seq_len, "positions": data.seq_len,
               "vision_token_index": data.seq_len, "patches": patches, "grids": data.max_items,
               "slots": slots, "skips": data.seq_len}

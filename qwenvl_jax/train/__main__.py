@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 
 from qwenvl_jax import distributed
+from qwenvl_jax.cli import user_error
 
 
 def parse_args(argv=None):
@@ -42,10 +42,7 @@ def main(argv=None) -> int:
             cfg = dataclasses.replace(cfg, export_hf=args.export_hf)
         result = run(cfg)
     except (ValueError, OSError) as e:  # config / data / checkpoint errors: one line
-        if os.environ.get("QWENVL_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return user_error(e)
     if distributed.is_main_process():
         print(json.dumps(result))
     return 0

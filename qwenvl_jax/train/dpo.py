@@ -28,7 +28,7 @@ import numpy as np
 
 from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.data.formats import BAD_FORMAT, ROLES, TOO_LONG, DataError
-from qwenvl_jax.data.pipeline import IGNORE, DataConfig, RowLayout, SampleEncoder
+from qwenvl_jax.data.pipeline import IGNORE, DataConfig, RowLayout, SampleEncoder, record_order
 
 
 def sequence_logps(logits, labels, segment_ids=None, ignore_index: int = IGNORE):
@@ -185,14 +185,8 @@ def make_pair_dataset(source, encoder: PairEncoder, config: Qwen25VLConfig, data
                       process_index: int = 0, process_count: int = 1):
     """DPO pairs as a grain IterDataset of pair batches (2 x data.batch_size rows), shuffled and
     sharded like the SFT pipeline; checkpointable the same way. Bad records are dropped."""
-    import grain
-
     patches, slots = data.budgets(config.vision.window_patches)
-    ds = grain.MapDataset.source(source)
-    if data.shuffle:
-        ds = ds.shuffle(seed=data.seed)
-    ds = ds[process_index::process_count]
-    ds = ds.repeat(data.epochs) if data.epochs != 1 else ds
-    ds = ds.map(_EncodeOrSkip(encoder)).to_iter_dataset().filter(lambda x: x is not None)
+    ds = record_order(source, data, process_index, process_count).map(_EncodeOrSkip(encoder))
+    ds = ds.to_iter_dataset().filter(lambda x: x is not None)
     return ds.batch(data.batch_size, drop_remainder=True,
                     batch_fn=lambda pairs: pair_batch(pairs, config, data.seq_len, patches, slots))
