@@ -8,7 +8,6 @@ resumes from the latest checkpoint, onto whatever mesh it is given.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 import sys
@@ -63,9 +62,10 @@ def _model_and_tokenizer(cfg: TrainConfig, out: Path):
     data_path, root = cfg.data.path, cfg.data.root
     tokenizer = cfg.model.tokenizer or cfg.model.init_from
     if data_path == "synthetic":
-        synth = write_synthetic_dataset(out / "synthetic_data") if distributed.is_main_process() else None
-        _sync("synthetic data")
         synth = out / "synthetic_data"
+        if distributed.is_main_process():
+            write_synthetic_dataset(synth)
+        _sync("synthetic data")
         data_path, root, tokenizer = str(synth / "train.jsonl"), str(synth), tokenizer or str(synth)
     if tokenizer is None:
         raise ConfigError("model.tokenizer: a from-scratch model needs a tokenizer directory")
@@ -73,11 +73,11 @@ def _model_and_tokenizer(cfg: TrainConfig, out: Path):
         config = Qwen25VLConfig.from_hf_file(cfg.model.init_from)
     else:
         config = Qwen25VLConfig.from_preset(cfg.model.preset)
-        ids = Processor.from_pretrained(tokenizer)
+        tok = Processor.from_pretrained(tokenizer)  # a new model takes the tokenizer's special ids
         hf = config.to_hf_dict()
-        hf.update(image_token_id=ids.image_token_id, video_token_id=ids.video_token_id,
-                  vision_start_token_id=ids.tokenizer.token_to_id("<|vision_start|>"),
-                  vision_end_token_id=ids.tokenizer.token_to_id("<|vision_end|>"))
+        hf.update(image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+                  vision_start_token_id=tok.tokenizer.token_to_id("<|vision_start|>"),
+                  vision_end_token_id=tok.tokenizer.token_to_id("<|vision_end|>"))
         config = Qwen25VLConfig.from_hf_dict(hf)
     config = with_attention_impl(config, cfg.model.attention_impl)
     return config, tokenizer, data_path, root or str(Path(data_path).resolve().parent)
@@ -138,7 +138,7 @@ def run(cfg: TrainConfig) -> dict:
 
     # Data: this process's shard of the shuffled records.
     processor = Processor.from_pretrained(tokenizer_dir)
-    data = dataclasses.replace(cfg.data.config, seed=cfg.data.config.seed + 0)
+    data = cfg.data.config
     if dpo:
         from qwenvl_jax.train.dpo import PairEncoder, make_pair_dataset
 
