@@ -31,7 +31,7 @@ $COMMON_OPTIONS_HELP
 
 Examples:
   $SCRIPT_NAME --name qwen-v5e 'python -c "import jax; print(jax.devices())"'
-  $SCRIPT_NAME --name qwen-v5p -- 'python -m qwenvl_jax.train --recipe configs/train/sft.yaml ...'
+  $SCRIPT_NAME --name qwen-v5p -- 'python -m qwenvl_jax.train --config configs/train/sft.yaml --distributed ...'
 EOF
 }
 
