@@ -49,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--top-k", type=int)
     ap.add_argument("--repetition-penalty", type=float)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"],
+                    help="compute dtype (default: bfloat16; float32 for the bundled demo model, as it was trained)")
     ap.add_argument("--min-pixels", type=int, help="per-image pixel floor (default: the checkpoint's)")
     ap.add_argument("--max-pixels", type=int, help="per-image pixel cap (default: the checkpoint's)")
     ap.add_argument("--fps", type=float, default=2.0, help="video frames sampled per second")
@@ -70,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.max_new_tokens = min(args.max_new_tokens, 128)
     if args.prompt is None:
         ap.error("--prompt is required with --checkpoint")
+    if args.dtype is None:
+        args.dtype = "float32" if Path(args.checkpoint) == DEMO_MODEL else "bfloat16"
     return args
 
 

@@ -136,9 +136,9 @@ def _ground(rng, shapes, original_hw, resized_hw):
     return q, grounding_answer(boxes, label), sorted(boxes, key=lambda b: (b[0], b[1]))
 
 
-def make_record(rng, task: str, shapes, image: str, original_hw, resized_hw) -> dict:
-    """One LLaVA-form record plus "meta"; an attribute question without a unique answer becomes a count."""
-    meta = {"task": task, "original_hw": list(original_hw), "resized_hw": list(resized_hw), "shapes": shapes}
+def _question(rng, task: str, shapes, original_hw, resized_hw) -> tuple[str, str, dict]:
+    """One (question, answer, meta); an attribute question without a unique answer becomes a count."""
+    meta = {"task": task}
     qa = _attribute(rng, shapes) if task == "attribute" else None
     if task == "ground":
         q, a, meta["boxes_resized"] = _ground(rng, shapes, original_hw, resized_hw)
@@ -148,19 +148,51 @@ def make_record(rng, task: str, shapes, image: str, original_hw, resized_hw) -> 
         meta["task"] = "count"
         q, a = _count(rng, shapes)
     meta["answer"] = a
-    return {"image": image, "conversations": [{"from": "human", "value": f"<image>\n{q}"},
-                                              {"from": "gpt", "value": a}], "meta": meta}
+    return q, a, meta
+
+
+def make_record(rng, tasks, shapes, image: str, original_hw, resized_hw) -> dict:
+    """One LLaVA-form record with a turn per task (distinct questions; repeats are redrawn a few times).
+
+    "meta" describes the first turn (what `qwenvl_jax.eval` scores) plus the picture; with more than
+    one turn, meta["turns"] lists every turn's meta. Several turns about one picture give the model
+    more answer tokens per encoded image, which is what a CPU training budget is short of.
+    """
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    turns, seen = [], set()
+    for task in tasks:
+        for _ in range(8):
+            q, a, meta = _question(rng, task, shapes, original_hw, resized_hw)
+            if q not in seen:
+                break
+        if q in seen:
+            continue
+        seen.add(q)
+        turns.append((q, a, meta))
+    conversations = []
+    for k, (q, a, _) in enumerate(turns):
+        # No newline after <image>: the prompt then tokenizes exactly as infer/eval's chat messages
+        # ([image, text]) do, so the bundled model is asked in the form it was trained on.
+        conversations += [{"from": "human", "value": f"<image>{q}" if k == 0 else q},
+                          {"from": "gpt", "value": a}]
+    meta = {**turns[0][2], "original_hw": list(original_hw), "resized_hw": list(resized_hw), "shapes": shapes}
+    if len(turns) > 1:
+        meta["turns"] = [m for _, _, m in turns]
+    return {"image": image, "conversations": conversations, "meta": meta}
 
 
 def make_dataset(out_dir, n: int, seed: int = 0, name: str = "train.jsonl", mix=DEFAULT_MIX,
-                 min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, per_image: int = 1) -> Path:
+                 min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, per_image: int = 1,
+                 turns: int = 1) -> Path:
     """Writes out_dir/name and out_dir/images/<stem>_NNNNN.png (stem keeps train and eval sets apart).
 
     One numpy Generator drives everything in a fixed order, so a seed fixes every byte.
-    per_image > 1 asks several questions about each picture (one record each).
+    per_image > 1 asks several questions about each picture (one record each); turns > 1 asks up to
+    that many distinct questions about a picture within one record (a multi-turn conversation).
     """
-    if n < 1 or per_image < 1:
-        raise ValueError(f"--n and --per-image must be >= 1, got {n} and {per_image}")
+    if n < 1 or per_image < 1 or turns < 1:
+        raise ValueError(f"--n, --per-image and --turns must be >= 1, got {n}, {per_image} and {turns}")
     p = np.asarray(mix, float)
     if p.shape != (3,) or (p < 0).any() or p.sum() <= 0:
         raise ValueError(f"mix must be 3 non-negative weights (count, attribute, ground), got {mix}")
@@ -175,8 +207,8 @@ def make_dataset(out_dir, n: int, seed: int = 0, name: str = "train.jsonl", mix=
             img.save(out / rel, format="PNG", compress_level=1)
             original = (img.height, img.width)
             resized = smart_resize(*original, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
-        task = TASKS[int(rng.choice(3, p=p / p.sum()))]
-        record = {"id": f"{stem}-{i}", **make_record(rng, task, shapes, rel, original, resized)}
+        tasks = [TASKS[int(k)] for k in rng.choice(3, size=turns, p=p / p.sum())]
+        record = {"id": f"{stem}-{i}", **make_record(rng, tasks, shapes, rel, original, resized)}
         lines.append(json.dumps(record, separators=(",", ":")) + "\n")
     path = out / name
     tmp = path.with_name(path.name + ".tmp")
@@ -230,7 +262,18 @@ def write_demo_tokenizer(out_dir) -> dict[str, int]:
         ids = tiny_tokenizer.make_tiny_tokenizer(out_dir)
     if ids["vocab_size"] >= 512:
         raise RuntimeError(f"demo tokenizer has {ids['vocab_size']} ids; the tiny preset holds 512")
+    write_generation_config(out_dir, ids)
     return ids
+
+
+def write_generation_config(out_dir, ids: dict[str, int]) -> Path:
+    """generation_config.json: greedy (answers here have one right form), stopping at <|im_end|> or
+    <|endoftext|> as the released checkpoints do. The train CLI's --export-hf copies it with the tokenizer."""
+    config = {"bos_token_id": ids["pad_token_id"], "pad_token_id": ids["pad_token_id"], "do_sample": False,
+              "eos_token_id": [ids["eos_token_id"], ids["pad_token_id"]]}
+    path = Path(out_dir) / "generation_config.json"
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -245,13 +288,14 @@ def main(argv=None) -> int:
     ap.add_argument("--max-pixels", type=int, default=MAX_PIXELS)
     ap.add_argument("--mix", default=",".join(map(str, DEFAULT_MIX)), help="weights count,attribute,ground")
     ap.add_argument("--per-image", type=int, default=1, help="questions (records) per picture")
+    ap.add_argument("--turns", type=int, default=1, help="questions per record (multi-turn conversation)")
     ap.add_argument("--no-tokenizer", action="store_true", help="skip the tokenizer/preprocessor files")
     args = ap.parse_args(argv)
     try:
         mix = [float(v) for v in args.mix.split(",")]
         t = time.perf_counter()
         path = make_dataset(args.out, args.n, args.seed, args.name, mix, args.min_pixels, args.max_pixels,
-                            args.per_image)
+                            args.per_image, args.turns)
         if not args.no_tokenizer:
             ids = write_demo_tokenizer(args.out)
             tiny_tokenizer.write_preprocessor_config(args.out, args.min_pixels, args.max_pixels)

@@ -8,6 +8,9 @@ Two XLA implementations, chosen by shape:
   * banded: when every segment is contiguous and at most `max_segment_len` long, a query block
     can only see keys within `max_segment_len - 1` positions of it, so each block of `bq` queries
     attends to (2r+1) key blocks around it: cost O(N * max_segment_len), not O(N^2).
+  * windows: when segments are runs of whole aligned windows (the ViT's slot layout), each query
+    window attends to the ceil(max_segment_len / window) windows from its segment's first one:
+    O(N * max_segment_len) with no band overhang (the ViT's full-attention blocks).
 The Pallas TPU kernel (issue 5) plugs in behind the same signature.
 """
 
@@ -36,7 +39,7 @@ def interpret_kernels() -> bool:
 
 def attend(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, q_positions=None,
            kv_positions=None, max_segment_len: int | None = None, aligned: bool = False,
-           scale: float | None = None):
+           window: int | None = None, scale: float | None = None):
     """Segment-restricted multi-head attention with grouped KV heads.
 
     q [B, N, Hq, D]; k, v [B, S, Hk, D] with Hq % Hk == 0 (q head h uses kv head h // (Hq/Hk));
@@ -46,6 +49,8 @@ def attend(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, q_positions=
     and q/k are the same sequence; enables the banded path.
     aligned: segments never cross multiples of max_segment_len (e.g. ViT windows padded to a
     fixed size), so attention is exactly block-diagonal with blocks of max_segment_len.
+    window: every segment is a run of whole windows of `window` positions starting at multiples
+    of it (padding inside a window has id 0), at most max_segment_len long; non-causal self-attention.
     Returns [B, N, Hq, D] in v's dtype.
     """
     b, n, hq, d = q.shape
@@ -55,6 +60,10 @@ def attend(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, q_positions=
         q_positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     if kv_positions is None:
         kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    if window is not None and max_segment_len is not None and n == s and not causal and n % window == 0:
+        span = -(-max_segment_len // window)
+        if span < n // window:
+            return _windowed_segments(q, k, v, q_segment_ids, window, span, scale)
     if max_segment_len is not None and n == s:
         bq, r = (max_segment_len, 0) if aligned else _band_shape(max_segment_len)
         if (2 * r + 1) * bq < n:
@@ -113,3 +122,28 @@ def _banded(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal, scale, bq, r):
         mask &= q_pos_b[..., :, None] >= kv_pos_w[..., None, :]
     out = _masked_attention(qb, kw, vw, mask, scale)  # [B, nb, bq, Hq, D]
     return out.reshape(b, nb * bq, hq, d)[:, :n]
+
+
+def _windowed_segments(q, k, v, seg, w, span, scale):
+    """Segments made of whole aligned windows: query window i sees key windows first(i) .. first(i)+span-1,
+    where first(i) is the first window of i's segment; gathered windows past the end are masked out."""
+    b, n, hq, d = q.shape
+    nw = n // w
+    win_seg = jnp.max(seg.reshape(b, nw, w), axis=-1)  # [B, nw]: a window holds one segment (+ padding 0)
+    idx = jnp.arange(nw, dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), win_seg[:, 1:] != win_seg[:, :-1]], axis=1)
+    first = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)  # [B, nw]
+    cols = first[:, :, None] + jnp.arange(span, dtype=jnp.int32)  # [B, nw, span] key windows
+    in_range = cols < nw
+    cols = jnp.minimum(cols, nw - 1)
+
+    def gather(x):  # [B, n, ...] -> [B, nw, span * w, ...]
+        xw = x.reshape(b, nw, w, *x.shape[2:])
+        g = jax.vmap(lambda xb, cb: xb[cb])(xw, cols)  # [B, nw, span, w, ...]
+        return g.reshape(b, nw, span * w, *x.shape[2:])
+
+    kv_seg = jnp.where(jnp.repeat(in_range, w, axis=-1), gather(seg), -2)  # out of range: matches nothing
+    q_seg = seg.reshape(b, nw, w)
+    mask = q_seg[..., :, None] == kv_seg[..., None, :]  # [B, nw, w, span*w]
+    out = _masked_attention(q.reshape(b, nw, w, hq, d), gather(k), gather(v), mask, scale)
+    return out.reshape(b, n, hq, d)

@@ -33,7 +33,9 @@ class VisionAttention(nnx.Module):
         self.attention_impl = attention_impl
 
     def __call__(self, x, cos, sin, segment_ids, max_segment_len: int, aligned: bool = False,
-                 ranges=None):  # x [R, S, D] rows of slots; ranges: the kernel's block ranges
+                 ranges=None, window: int | None = None):
+        # x [R, S, D] rows of slots; ranges: the kernel's block ranges; window: full-attention segments
+        # are runs of whole windows of this many slots (see attend)
         r, p, d = x.shape
         qkv = self.qkv(x).reshape(r, p, 3, self.num_heads, d // self.num_heads)
         q, k, v = (constrain(qkv[:, :, i], "batch", "length", "vision_heads", "head_dim") for i in range(3))
@@ -49,7 +51,7 @@ class VisionAttention(nnx.Module):
             out = out.transpose(1, 0, 2).reshape(r, p, *out.shape[::2])  # padding rows are zeros
         else:
             out = attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=False,
-                         max_segment_len=max_segment_len, aligned=aligned)
+                         max_segment_len=max_segment_len, aligned=aligned, window=window)
         return self.proj(out.reshape(r, p, d))
 
 
@@ -70,13 +72,19 @@ class VisionBlock(nnx.Module):
                        axes=("vision_embed", "vision_mlp"), **kw)
 
     def __call__(self, x, cos, sin, inputs: VisionInputs, is_full, ranges=(None, None)):
-        h = self.norm1(x)
         # Full-attention blocks see each whole frame group, the others one window (SPEC 3.4).
-        h = jax.lax.cond(
-            is_full,
-            lambda: self.attn(h, cos, sin, inputs.full_segment_ids, inputs.max_full_len, ranges=ranges[0]),
-            lambda: self.attn(h, cos, sin, inputs.window_segment_ids, inputs.window_len, aligned=True,
-                              ranges=ranges[1]))
+        # Rematerialised: differentiating a cond inside the layer scan would otherwise stack both
+        # branches' residuals for every layer (zero-filled for the branch not taken).
+        @jax.checkpoint
+        def attention(h):
+            return jax.lax.cond(
+                is_full,
+                lambda: self.attn(h, cos, sin, inputs.full_segment_ids, inputs.max_full_len, ranges=ranges[0],
+                                  window=inputs.window_len),
+                lambda: self.attn(h, cos, sin, inputs.window_segment_ids, inputs.window_len, aligned=True,
+                                  ranges=ranges[1]))
+
+        h = attention(self.norm1(x))
         x = x + h
         return x + self.mlp(self.norm2(x))
 

@@ -41,15 +41,24 @@ def trainable_mask(params, groups: tuple[str, ...]):
 
 def make_optimizer(spec: OptimSpec, steps: int, params, groups: tuple[str, ...]):
     """AdamW (warmup + cosine, decay on matrices only) behind global-norm clipping for the
-    trainable groups; frozen groups get `set_to_zero` and hold no optimizer state."""
+    trainable groups (the vision group at spec.vision_lr_scale times the rate); frozen groups get
+    `set_to_zero` and hold no optimizer state. Returns (tx, the base schedule)."""
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, spec.learning_rate, max(spec.warmup_steps, 0), max(steps, spec.warmup_steps + 1),
         end_value=spec.learning_rate * spec.min_lr_ratio)
     decay = jax.tree.map(lambda x: x.ndim >= 2, params)
-    adamw = optax.chain(optax.clip_by_global_norm(spec.clip_norm),
-                        optax.adamw(schedule, spec.b1, spec.b2, spec.eps, spec.weight_decay, mask=decay))
-    labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable_mask(params, groups))
-    return optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()}, labels), schedule
+
+    def adamw(scale: float):
+        rate = schedule if scale == 1.0 else (lambda count: scale * schedule(count))
+        return optax.adamw(rate, b1=spec.b1, b2=spec.b2, eps=spec.eps, weight_decay=spec.weight_decay, mask=decay)
+
+    trainable = trainable_mask(params, groups)
+    vision = jax.tree_util.tree_map_with_path(
+        lambda path, _: param_group(tuple(str(getattr(k, "key", k)) for k in path)) == "vision", params)
+    labels = jax.tree.map(lambda t, v: ("vision" if v else "train") if t else "freeze", trainable, vision)
+    # Clipping sees every gradient at once (frozen ones are zeros), so the norm is the global one.
+    return optax.chain(optax.clip_by_global_norm(spec.clip_norm), optax.multi_transform(
+        {"train": adamw(1.0), "vision": adamw(spec.vision_lr_scale), "freeze": optax.set_to_zero()}, labels)), schedule
 
 
 @struct.dataclass

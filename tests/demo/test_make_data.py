@@ -75,6 +75,10 @@ def test_records_parse_and_mix(dataset):
     for rec in records:  # the "meta" key does not disturb the training format
         conv = parse_record(rec, root)
         assert conv.messages[1]["content"][0]["text"] == rec["meta"]["answer"]
+        # The user turn is [image, question], as infer and eval build it from a prompt: same tokens.
+        question = rec["conversations"][0]["value"].removeprefix("<image>")
+        assert [p["type"] for p in conv.messages[0]["content"]] == ["image", "text"]
+        assert conv.messages[0]["content"][1]["text"] == question
     tasks = [r["meta"]["task"] for r in records]
     assert 0.25 < tasks.count("count") / len(tasks) < 0.6 and tasks.count("ground") / len(tasks) > 0.25
     assert tasks.count("attribute") > 10
@@ -96,30 +100,62 @@ def test_shapes_inside_and_apart(dataset):
     assert len(sizes) > 50
 
 
+QUESTION = re.compile(r"How many (?:(red|green|blue|yellow) )?(circle|square|triangle|shape)s are there\?")
+
+
+def _check_answer(question: str, meta: dict, found: list[dict]) -> None:
+    """meta's answer to `question` is what the detected shapes say."""
+    if meta["task"] == "count":
+        color, kind = QUESTION.fullmatch(question).groups()
+        n = sum((color is None or s["color"] == color) and kind in ("shape", s["shape"]) for s in found)
+        assert meta["answer"] == str(n)
+    elif meta["task"] == "attribute":
+        if m := re.fullmatch(r"What color is the (\w+)\?", question):
+            [hit] = [s for s in found if s["shape"] == m.group(1)]
+            assert meta["answer"] == hit["color"]
+        else:
+            color = re.fullmatch(r"What shape is the (\w+) object\?", question).group(1)
+            [hit] = [s for s in found if s["color"] == color]
+            assert meta["answer"] == hit["shape"]
+    else:
+        label = re.fullmatch(r"Locate (?:the|every) (\w+ \w+)\.", question).group(1)
+        items = parse_grounding(meta["answer"])
+        assert {i["label"] for i in items} == {label}
+        assert len(items) == sum(f"{s['color']} {s['shape']}" == label for s in found)
+
+
 def test_answers_match_the_pixels(dataset):
     root, records = dataset
-    question = re.compile(r"How many (?:(red|green|blue|yellow) )?(circle|square|triangle|shape)s are there\?")
     checked = set()
     for rec in records:
         meta = rec["meta"]
         found = _detect(root / rec["image"])
         key = lambda s: (s["bbox"], s["color"], s["shape"])  # noqa: E731
         assert sorted(map(key, found)) == sorted(map(key, meta["shapes"]))  # drawn = described
-        q = rec["conversations"][0]["value"].removeprefix("<image>\n")
-        if meta["task"] == "count":
-            color, kind = question.fullmatch(q).groups()
-            n = sum((color is None or s["color"] == color) and kind in ("shape", s["shape"]) for s in found)
-            assert meta["answer"] == str(n)
-        elif meta["task"] == "attribute":
-            if m := re.fullmatch(r"What color is the (\w+)\?", q):
-                [hit] = [s for s in found if s["shape"] == m.group(1)]
-                assert meta["answer"] == hit["color"]
-            else:
-                color = re.fullmatch(r"What shape is the (\w+) object\?", q).group(1)
-                [hit] = [s for s in found if s["color"] == color]
-                assert meta["answer"] == hit["shape"]
+        _check_answer(rec["conversations"][0]["value"].removeprefix("<image>"), meta, found)
         checked.add(meta["task"])
     assert checked == {"count", "attribute", "ground"}
+
+
+def test_multi_turn_records(tmp_path):
+    """--turns K: up to K distinct questions about one picture, each answer true, first turn = meta."""
+    records = _records(make_dataset(tmp_path, 40, seed=5, turns=6))
+    lengths = []
+    for rec in records:
+        conv, meta = rec["conversations"], rec["meta"]
+        turns = meta.get("turns", [meta])
+        lengths.append(len(turns))
+        assert len(conv) == 2 * len(turns) and [c["from"] for c in conv] == ["human", "gpt"] * len(turns)
+        questions = [c["value"].removeprefix("<image>") for c in conv[::2]]
+        assert conv[0]["value"].startswith("<image>") and all("<image>" not in q for q in conv[2::2])
+        assert len(set(questions)) == len(questions)
+        assert {k: meta[k] for k in turns[0]} == turns[0]
+        found = _detect(tmp_path / rec["image"])
+        for q, a, t in zip(questions, conv[1::2], turns):
+            assert a["value"] == t["answer"]
+            _check_answer(q, t, found)
+        assert len(parse_record(rec, tmp_path).messages) == 2 * len(turns)
+    assert max(lengths) == 6 and min(lengths) >= 1 and sum(lengths) / len(lengths) > 3
 
 
 @pytest.mark.parametrize("max_pixels", [200704, 50176])
@@ -129,7 +165,7 @@ def test_boxes_in_resized_pixels(tmp_path, max_pixels):
         meta = rec["meta"]
         (oh, ow), (rh, rw) = meta["original_hw"], meta["resized_hw"]
         assert (rh, rw) == smart_resize(oh, ow, factor=28, min_pixels=3136, max_pixels=max_pixels)
-        label = re.fullmatch(r"<image>\nLocate (?:the|every) (\w+ \w+)\.", rec["conversations"][0]["value"]).group(1)
+        label = re.fullmatch(r"<image>Locate (?:the|every) (\w+ \w+)\.", rec["conversations"][0]["value"]).group(1)
         truth = sorted(s["bbox"] for s in meta["shapes"] if f"{s['color']} {s['shape']}" == label)
         items = parse_grounding(meta["answer"])
         assert [i["bbox_2d"] for i in items] == meta["boxes_resized"]
@@ -168,3 +204,8 @@ def test_cli_dir_is_a_processor_dir(tmp_path):
         assert [gh * 14, gw * 14] == rec["meta"]["resized_hw"]
     assert main(["--out", str(tmp_path), "--n", "0"]) == 1
     assert main(["--out", str(tmp_path), "--mix", "1,2"]) == 1
+    assert main(["--out", str(tmp_path), "--turns", "0"]) == 1
+    gen = json.loads((tmp_path / "generation_config.json").read_text())  # exported with the tokenizer
+    assert gen["do_sample"] is False
+    assert sorted(gen["eos_token_id"]) == sorted(processor.eos_token_ids)
+    assert gen["pad_token_id"] == processor.pad_token_id

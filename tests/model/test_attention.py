@@ -54,3 +54,33 @@ def test_dense_with_padding_and_gqa():
     out = np.asarray(attend(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True))
     np.testing.assert_allclose(out, reference(q, k, v, seg, seg, True), atol=2e-5)
     assert np.isfinite(out).all()
+
+
+def window_segments(rng, windows: int, w: int, max_windows: int):
+    """The ViT slot layout: segments of 1..max_windows whole windows of w slots, each window
+    partly filled (padding slots id 0), plus trailing all-padding windows."""
+    ids, cur = [], 1
+    while len(ids) < (windows - 2) * w:
+        for _ in range(int(rng.integers(1, max_windows + 1))):
+            fill = int(rng.integers(1, w + 1))
+            ids += [cur] * fill + [0] * (w - fill)
+        cur += 1
+    return np.array((ids + [0] * 2 * w)[:windows * w])
+
+
+@pytest.mark.parametrize("rows,windows,w,max_windows", [(2, 18, 16, 3), (1, 12, 8, 5)])
+def test_window_segments_match_reference(rows, windows, w, max_windows):
+    """Full attention over whole-window segments (the ViT's full blocks) gathers only each segment's
+    windows; it equals dense segment-masked attention on the real (non-padding) slots."""
+    rng = np.random.default_rng(windows)
+    n = windows * w
+    q = rng.standard_normal((rows, n, 4, 8)).astype(np.float32)
+    k = rng.standard_normal((rows, n, 4, 8)).astype(np.float32)
+    v = rng.standard_normal((rows, n, 4, 8)).astype(np.float32)
+    seg = np.stack([window_segments(rng, windows, w, max_windows) for _ in range(rows)])
+    span = max_windows * w
+    out = np.asarray(attend(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=False, max_segment_len=span,
+                            window=w))
+    real = seg > 0
+    np.testing.assert_allclose(out[real], reference(q, k, v, seg, seg, False)[real], atol=2e-5)
+    assert np.isfinite(out).all()
