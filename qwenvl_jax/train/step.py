@@ -33,10 +33,15 @@ def param_group(path: tuple[str, ...]) -> str:
     return "llm"
 
 
+def group_tree(params):
+    """A tree like `params` holding each parameter's group name."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: param_group(tuple(str(getattr(k, "key", k)) for k in path)), params)
+
+
 def trainable_mask(params, groups: tuple[str, ...]):
     """A tree of bools like `params`: True where the parameter's group trains."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: param_group(tuple(str(getattr(k, "key", k)) for k in path)) in groups, params)
+    return jax.tree.map(lambda g: g in groups, group_tree(params))
 
 
 def make_optimizer(spec: OptimSpec, steps: int, params, groups: tuple[str, ...]):
@@ -52,10 +57,8 @@ def make_optimizer(spec: OptimSpec, steps: int, params, groups: tuple[str, ...])
         rate = schedule if scale == 1.0 else (lambda count: scale * schedule(count))
         return optax.adamw(rate, b1=spec.b1, b2=spec.b2, eps=spec.eps, weight_decay=spec.weight_decay, mask=decay)
 
-    trainable = trainable_mask(params, groups)
-    vision = jax.tree_util.tree_map_with_path(
-        lambda path, _: param_group(tuple(str(getattr(k, "key", k)) for k in path)) == "vision", params)
-    labels = jax.tree.map(lambda t, v: ("vision" if v else "train") if t else "freeze", trainable, vision)
+    labels = jax.tree.map(lambda g: "freeze" if g not in groups else "vision" if g == "vision" else "train",
+                          group_tree(params))
     # Clipping sees every gradient at once (frozen ones are zeros), so the norm is the global one.
     return optax.chain(optax.clip_by_global_norm(spec.clip_norm), optax.multi_transform(
         {"train": adamw(1.0), "vision": adamw(spec.vision_lr_scale), "freeze": optax.set_to_zero()}, labels)), schedule
