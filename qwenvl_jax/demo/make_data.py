@@ -151,15 +151,13 @@ def _question(rng, task: str, shapes, original_hw, resized_hw) -> tuple[str, str
     return q, a, meta
 
 
-def make_record(rng, tasks, shapes, image: str, original_hw, resized_hw) -> dict:
+def make_record(rng, tasks: list[str], shapes, image: str, original_hw, resized_hw) -> dict:
     """One LLaVA-form record with a turn per task (distinct questions; repeats are redrawn a few times).
 
     "meta" describes the first turn (what `qwenvl_jax.eval` scores) plus the picture; with more than
     one turn, meta["turns"] lists every turn's meta. Several turns about one picture give the model
     more answer tokens per encoded image, which is what a CPU training budget is short of.
     """
-    if isinstance(tasks, str):
-        tasks = [tasks]
     turns, seen = [], set()
     for task in tasks:
         for _ in range(8):
