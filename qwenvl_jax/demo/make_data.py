@@ -20,7 +20,6 @@ OUT is a complete `model.tokenizer` directory and the boxes match what the proce
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -40,7 +39,8 @@ CANVAS = (160, 448)  # side length range, inclusive
 SIZE = (24, 96)  # shape side range, inclusive
 GAP = 4  # empty pixels kept between shapes' boxes, so same-colour shapes never touch
 MIN_PIXELS, MAX_PIXELS = 3136, 200704
-DEMO_VOCAB = 480  # BPE ids before the 22 added tokens: 502 < 512 (the tiny preset's vocab)
+DEMO_VOCAB = 480  # BPE ids before the 22 added tokens: 502 < 512 (the demo preset's vocab)
+MODEL_VOCAB = 512  # configs/model/demo.yaml text.vocab_size
 
 
 # ------------------------------------------------------------------------------------------ drawing
@@ -236,30 +236,15 @@ def demo_corpus() -> str:
     return "\n".join(lines * 3) + "\n"
 
 
-@contextlib.contextmanager
-def _patched(module, **values):
-    """tiny_tokenizer trains on its module-level CORPUS with no parameter for another; swap it for one call."""
-    old = {k: getattr(module, k) for k in values}
-    try:
-        for k, v in values.items():
-            setattr(module, k, v)
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(module, k, v)
-
-
 def write_demo_tokenizer(out_dir) -> dict[str, int]:
     """tokenizer.json / tokenizer_config.json / chat_template.jinja trained on `demo_corpus()`.
 
-    Same Qwen2 pipeline and added tokens as `make_tiny_tokenizer` (whose writer it reuses), so
-    the chat template and special ids behave exactly as in the repo's tests; the vocabulary
-    (BPE + 22 added tokens) stays under 512 ids. Returns special ids by name and vocab_size.
+    Same Qwen2 pipeline and added tokens as `make_tiny_tokenizer` (which writes it), so the chat
+    template and special ids behave exactly as in the repo's tests. Returns special ids by name and vocab_size.
     """
-    with _patched(tiny_tokenizer, CORPUS=demo_corpus(), TRAIN_VOCAB=DEMO_VOCAB):
-        ids = tiny_tokenizer.make_tiny_tokenizer(out_dir)
-    if ids["vocab_size"] >= 512:
-        raise RuntimeError(f"demo tokenizer has {ids['vocab_size']} ids; the tiny preset holds 512")
+    ids = tiny_tokenizer.make_tiny_tokenizer(out_dir, demo_corpus(), DEMO_VOCAB)
+    if ids["vocab_size"] > MODEL_VOCAB:
+        raise RuntimeError(f"demo tokenizer has {ids['vocab_size']} ids; the demo preset holds {MODEL_VOCAB}")
     write_generation_config(out_dir, ids)
     return ids
 

@@ -59,7 +59,7 @@ Thank you for the question. I think the answer is yes, because the image shows i
 """
 
 
-def _train() -> Tokenizer:
+def _train(corpus: str, train_vocab: int) -> Tokenizer:
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -67,19 +67,20 @@ def _train() -> Tokenizer:
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TRAIN_VOCAB, min_frequency=2, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=train_vocab, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    tok.train_from_iterator(corpus.splitlines(), trainer=trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in PLAIN_ADDED_TOKENS])
     return tok
 
 
-def make_tiny_tokenizer(out_dir) -> dict[str, int]:
-    """Writes tokenizer.json, tokenizer_config.json and chat_template.jinja; returns special ids by name."""
+def make_tiny_tokenizer(out_dir, corpus: str = CORPUS, train_vocab: int = TRAIN_VOCAB) -> dict[str, int]:
+    """Writes tokenizer.json, tokenizer_config.json and chat_template.jinja; returns special ids by name.
+    corpus / train_vocab: the BPE training text and its vocabulary bound (the shapes demo passes its own)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = _train()
+    tok = _train(corpus, train_vocab)
     tok.save(str(out / "tokenizer.json"))
     decoder = {
         str(tok.token_to_id(t)): dict(content=t, lstrip=False, normalized=False, rstrip=False,

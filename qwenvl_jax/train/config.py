@@ -71,9 +71,13 @@ class OptimSpec:
     eps: float = 1e-8
     clip_norm: float = 1.0
     # Multiplier on learning_rate for the "vision" group (ViT blocks + patch embed); the merger and
-    # the LLM use learning_rate. The patch embed's fan-in is 1176 pixels: on flat backgrounds every
-    # input is the same, so each Adam step moves its output by ~lr * 2000 along one direction.
+    # the LLM use learning_rate.
     vision_lr_scale: float = 1.0
+    # A further multiplier for the patch embed alone. Its fan-in is 1176 pixels: on flat backgrounds
+    # every input is the same, so each Adam step moves its output by ~lr * 2000 along one direction.
+    patch_embed_lr_scale: float = 1.0
+    # Multiplier for the 2x2 merger, whose outputs are the LLM's image-token embeddings.
+    merger_lr_scale: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +112,9 @@ class TrainConfig:
             raise ConfigError(f"train.remat must be none, full or dots, got {t.remat!r}")
         if self.optim.learning_rate <= 0:
             raise ConfigError(f"optim.learning_rate must be > 0, got {self.optim.learning_rate}")
-        if self.optim.vision_lr_scale <= 0:
-            raise ConfigError(f"optim.vision_lr_scale must be > 0, got {self.optim.vision_lr_scale}")
+        for key in ("vision_lr_scale", "patch_embed_lr_scale", "merger_lr_scale"):
+            if getattr(self.optim, key) <= 0:
+                raise ConfigError(f"optim.{key} must be > 0, got {getattr(self.optim, key)}")
         if (self.model.preset is None) == (self.model.init_from is None):
             raise ConfigError("exactly one of model.preset (from scratch) and model.init_from (HF checkpoint)")
         self.data.config.validate()

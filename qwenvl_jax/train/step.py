@@ -46,8 +46,10 @@ def trainable_mask(params, groups: tuple[str, ...]):
 
 def make_optimizer(spec: OptimSpec, steps: int, params, groups: tuple[str, ...]):
     """AdamW (warmup + cosine, decay on matrices only) behind global-norm clipping for the
-    trainable groups (the vision group at spec.vision_lr_scale times the rate); frozen groups get
-    `set_to_zero` and hold no optimizer state. Returns (tx, the base schedule)."""
+    trainable groups (the vision group at spec.vision_lr_scale times the rate, its patch embed at a
+    further spec.patch_embed_lr_scale, the merger at spec.merger_lr_scale); frozen groups get
+    `set_to_zero` and hold no optimizer state.
+    Returns (tx, the base schedule)."""
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, spec.learning_rate, max(spec.warmup_steps, 0), max(steps, spec.warmup_steps + 1),
         end_value=spec.learning_rate * spec.min_lr_ratio)
@@ -57,11 +59,19 @@ def make_optimizer(spec: OptimSpec, steps: int, params, groups: tuple[str, ...])
         rate = schedule if scale == 1.0 else (lambda count: scale * schedule(count))
         return optax.adamw(rate, b1=spec.b1, b2=spec.b2, eps=spec.eps, weight_decay=spec.weight_decay, mask=decay)
 
-    labels = jax.tree.map(lambda g: "freeze" if g not in groups else "vision" if g == "vision" else "train",
-                          group_tree(params))
+    def label(path, group):
+        if group not in groups:
+            return "freeze"
+        if group == "vision" and str(getattr(path[1], "key", path[1])) == "patch_embed":
+            return "patch_embed"
+        return group
+
+    labels = jax.tree_util.tree_map_with_path(label, group_tree(params))
+    vision = spec.vision_lr_scale
     # Clipping sees every gradient at once (frozen ones are zeros), so the norm is the global one.
     return optax.chain(optax.clip_by_global_norm(spec.clip_norm), optax.multi_transform(
-        {"train": adamw(1.0), "vision": adamw(spec.vision_lr_scale), "freeze": optax.set_to_zero()}, labels)), schedule
+        {"llm": adamw(1.0), "merger": adamw(spec.merger_lr_scale), "vision": adamw(vision),
+         "patch_embed": adamw(vision * spec.patch_embed_lr_scale), "freeze": optax.set_to_zero()}, labels)), schedule
 
 
 @struct.dataclass

@@ -41,16 +41,22 @@ def _numpy_adamw(spec: OptimSpec, steps: int, params: dict, grads_per_step: list
     return p
 
 
-@pytest.mark.parametrize("groups,vision_lr_scale", [(("llm",), 1.0), (("vision", "llm"), 0.25)])
-def test_adamw_matches_the_update_rule(groups, vision_lr_scale):
+@pytest.mark.parametrize("groups,vision_lr_scale,patch_embed_lr_scale,merger_lr_scale",
+                         [(("llm",), 1.0, 1.0, 1.0), (("vision", "merger", "llm"), 0.25, 1.0, 1.0),
+                          (("vision", "merger", "llm"), 1.0, 0.1, 0.5)])
+def test_adamw_matches_the_update_rule(groups, vision_lr_scale, patch_embed_lr_scale, merger_lr_scale):
     rng = np.random.default_rng(0)
     # Small gradients (1e-3) make a misplaced epsilon visible: Adam's step must not depend on their scale.
-    params = {"visual": {"blocks": {"w": rng.standard_normal((4, 3)).astype(np.float32)}},
+    params = {"visual": {"blocks": {"w": rng.standard_normal((4, 3)).astype(np.float32)},
+                         "patch_embed": {"w": rng.standard_normal((6, 4)).astype(np.float32)},
+                         "merger": {"w": rng.standard_normal((4, 2)).astype(np.float32)}},
               "language_model": {"w": rng.standard_normal((3, 5)).astype(np.float32),
                                  "b": rng.standard_normal((5,)).astype(np.float32)}}
-    paths = {"v": ("visual", "blocks", "w"), "w": ("language_model", "w"), "b": ("language_model", "b")}
+    paths = {"v": ("visual", "blocks", "w"), "pe": ("visual", "patch_embed", "w"), "mg": ("visual", "merger", "w"),
+             "w": ("language_model", "w"), "b": ("language_model", "b")}
     spec = OptimSpec(learning_rate=1e-2, warmup_steps=2, min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95,
-                     eps=1e-8, clip_norm=1e-2, vision_lr_scale=vision_lr_scale)
+                     eps=1e-8, clip_norm=1e-2, vision_lr_scale=vision_lr_scale,
+                     patch_embed_lr_scale=patch_embed_lr_scale, merger_lr_scale=merger_lr_scale)
     steps = 6
     tx, _ = steplib.make_optimizer(spec, steps, params, groups=groups)
     state = tx.init(params)
@@ -60,13 +66,15 @@ def test_adamw_matches_the_update_rule(groups, vision_lr_scale):
         g = {k: (1e-3 * rng.standard_normal(np.shape(_get(params, path)))).astype(np.float32)
              for k, path in paths.items()}
         grads_per_step.append(g)
-        tree = {"visual": {"blocks": {"w": jnp.asarray(g["v"])}},
+        tree = {"visual": {"blocks": {"w": jnp.asarray(g["v"])}, "patch_embed": {"w": jnp.asarray(g["pe"])},
+                           "merger": {"w": jnp.asarray(g["mg"])}},
                 "language_model": {"w": jnp.asarray(g["w"]), "b": jnp.asarray(g["b"])}}
         updates, state = tx.update(tree, state, p)
         p = jax.tree.map(lambda a, u: a + u, p, updates)
-    trainable = {"w", "b"} | ({"v"} if "vision" in groups else set())
+    trainable = {"w", "b"} | ({"v", "pe"} if "vision" in groups else set()) | ({"mg"} if "merger" in groups else set())
     want = _numpy_adamw(spec, steps, {k: _get(params, path) for k, path in paths.items()}, grads_per_step,
-                        trainable, lr_scale={"v": vision_lr_scale})
+                        trainable, lr_scale={"v": vision_lr_scale, "pe": vision_lr_scale * patch_embed_lr_scale,
+                                             "mg": merger_lr_scale})
     for k, path in paths.items():
         if k in trainable:
             np.testing.assert_allclose(_get(p, path), want[k], rtol=1e-5, atol=1e-6)

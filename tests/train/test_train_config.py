@@ -32,6 +32,9 @@ def test_overrides():
     ("train.steps=0", "train.steps must be >= 1"),
     ("train.stage=pretrain", "train.stage must be one of"),
     ("optim.learning_rate=-1", "optim.learning_rate must be > 0"),
+    ("optim.vision_lr_scale=0", "optim.vision_lr_scale must be > 0"),
+    ("optim.patch_embed_lr_scale=-0.1", "optim.patch_embed_lr_scale must be > 0"),
+    ("optim.merger_lr_scale=0", "optim.merger_lr_scale must be > 0"),
     ("data.packer=magic", "data.packer must be one of"),
     ("nonsense", "expected KEY=VALUE"),
 ])

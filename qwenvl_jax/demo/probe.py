@@ -1,0 +1,123 @@
+"""python -m qwenvl_jax.demo.probe: does a checkpoint read its pictures?
+
+    python -m qwenvl_jax.demo.probe --checkpoint DIR --data data/demo/eval.jsonl --limit 60
+
+Generation scores (`qwenvl_jax.eval`) say how often an answer is right, not why it is wrong. This
+probe separates "cannot see" from "sees but cannot answer":
+
+* picture reliance: each record's first answer is scored teacher-forced (mean NLL of its tokens and
+  <|im_end|>) with the real picture and with a white one of the same size. Per task, a model that
+  reads the picture scores lower with the real one; equal numbers mean the answer comes from the
+  text alone.
+* image-token embeddings (the merger's output, which replaces the image placeholders) against the
+  text tokens' embeddings: rms of all, of their common part (the mean image token) and of the
+  part that varies between tokens. On white canvases most tokens are identical, and a common part
+  much larger than the varying one leaves the LLM little content to tell tokens apart.
+
+Prints one JSON line: {"nll": {task: {"real", "blank", "n"}}, "embeddings": {...}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from qwenvl_jax.cli import user_error
+
+
+def answer_nll(model, processor, messages: list[dict], answer: str, images: list) -> float:
+    """Mean NLL of `answer` + <|im_end|> after `messages` (the prompt), teacher forced.
+
+    The answer's tokens are those after the generation prompt, so their count comes from the
+    tokenizer, not from the template's trailing text.
+    """
+    import jax
+
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    full = processor.apply_chat_template(messages + [{"role": "assistant", "content": [
+        {"type": "text", "text": answer}]}], add_generation_prompt=False)
+    batch = processor(text=[full], images=images or None)
+    ids = np.asarray(batch["input_ids"][0])
+    start = len(processor(text=[prompt], images=images or None)["input_ids"][0])
+    stop = start + len(processor.tokenizer.encode(answer)) + 1  # + <|im_end|>
+    logp = np.asarray(jax.nn.log_softmax(np.asarray(model(**batch), np.float32)[0], axis=-1))
+    return float(-np.mean(logp[np.arange(start - 1, stop - 1), ids[start:stop]]))
+
+
+def picture_reliance(model, processor, records: list[dict], data_root=None) -> dict:
+    """{task: {"real": mean NLL, "blank": mean NLL with white pictures, "n"}} over the records' first turns."""
+    from qwenvl_jax.eval import reference
+    from qwenvl_jax.processing.image import load_image
+
+    sums: dict[str, list] = {}
+    for n, record in enumerate(records):
+        try:
+            messages, paths, truth = reference(record, data_root)
+        except ValueError as e:
+            raise ValueError(f"record {n}: {e}") from None
+        images = [load_image(p) for p in paths]
+        blank = [Image.new("RGB", im.size, (255, 255, 255)) for im in images]
+        s = sums.setdefault(truth["task"] or "other", [0.0, 0.0, 0])
+        s[0] += answer_nll(model, processor, messages, truth["answer"], images)
+        s[1] += answer_nll(model, processor, messages, truth["answer"], blank)
+        s[2] += 1
+    return {task: {"real": round(r / k, 4), "blank": round(b / k, 4), "n": k} for task, (r, b, k) in sums.items()}
+
+
+def embedding_stats(model, batch: dict, image_token_id: int) -> dict:
+    """rms of the image-token rows of the input embeddings (all / common part / varying part) and
+    of the text rows, for one processor batch."""
+    import jax
+
+    inputs = model.prepare(**batch)
+    module = model.module
+    x = np.asarray(jax.jit(module.embed)(inputs.input_ids, inputs.vision, inputs.vision_token_index), np.float64)
+    is_image = np.asarray(inputs.input_ids) == image_token_id
+    real = np.asarray(inputs.segment_ids) > 0
+    img, txt = x[is_image], x[real & ~is_image]
+    rms = lambda a: float(np.sqrt(np.mean(a * a))) if a.size else 0.0  # noqa: E731
+    common = img.mean(axis=0) if len(img) else np.zeros(x.shape[-1])
+    return {"image_rms": rms(img), "image_common_rms": rms(common), "image_varying_rms": rms(img - common),
+            "text_rms": rms(txt), "image_tokens": int(is_image.sum())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_jax.demo.probe", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="HF Qwen2.5-VL checkpoint directory (with tokenizer)")
+    ap.add_argument("--data", required=True, help="JSONL with meta (make_data's format)")
+    ap.add_argument("--limit", type=int, default=60, help="first N records")
+    ap.add_argument("--dtype", default="float32", choices=("bfloat16", "float32"))
+    args = ap.parse_args(argv)
+    try:
+        from qwenvl_jax.eval import load_records, reference
+        from qwenvl_jax.pretrained import load_pretrained
+        from qwenvl_jax.processing.image import load_image
+        from qwenvl_jax.processing.processor import Processor
+
+        if args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        checkpoint = Path(args.checkpoint)
+        if not (checkpoint / "config.json").is_file():
+            raise FileNotFoundError(f"{checkpoint} is not a checkpoint directory (no config.json)")
+        root = Path(args.data).resolve().parent
+        records = load_records(args.data, args.limit)
+        processor = Processor.from_pretrained(checkpoint)
+        model = load_pretrained(checkpoint, dtype=args.dtype)
+        nll = picture_reliance(model, processor, records, root)
+        messages, paths, _ = reference(records[0], root)
+        batch = processor(text=[processor.apply_chat_template(messages, add_generation_prompt=True)],
+                          images=[load_image(p) for p in paths] or None)
+        stats = embedding_stats(model, batch, processor.image_token_id)
+    except (ValueError, OSError, KeyError) as e:  # user errors: one line, no traceback
+        return user_error(e)
+    print(json.dumps({"nll": nll, "embeddings": {k: round(v, 5) for k, v in stats.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
