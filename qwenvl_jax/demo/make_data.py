@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.processing import tiny_tokenizer
 from qwenvl_jax.processing.image import smart_resize
 
@@ -40,7 +41,6 @@ SIZE = (24, 96)  # shape side range, inclusive
 GAP = 4  # empty pixels kept between shapes' boxes, so same-colour shapes never touch
 MIN_PIXELS, MAX_PIXELS = 3136, 200704
 DEMO_VOCAB = 480  # BPE ids before the 22 added tokens: 502 < 512 (the demo preset's vocab)
-MODEL_VOCAB = 512  # configs/model/demo.yaml text.vocab_size
 
 
 # ------------------------------------------------------------------------------------------ drawing
@@ -243,8 +243,9 @@ def write_demo_tokenizer(out_dir) -> dict[str, int]:
     template and special ids behave exactly as in the repo's tests. Returns special ids by name and vocab_size.
     """
     ids = tiny_tokenizer.make_tiny_tokenizer(out_dir, demo_corpus(), DEMO_VOCAB)
-    if ids["vocab_size"] > MODEL_VOCAB:
-        raise RuntimeError(f"demo tokenizer has {ids['vocab_size']} ids; the demo preset holds {MODEL_VOCAB}")
+    model_vocab = Qwen25VLConfig.from_preset("demo").text.vocab_size
+    if ids["vocab_size"] > model_vocab:
+        raise RuntimeError(f"demo tokenizer has {ids['vocab_size']} ids; the demo preset holds {model_vocab}")
     write_generation_config(out_dir, ids)
     return ids
 

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 from tokenizers import Tokenizer
 
+from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.data.formats import parse_record
-from qwenvl_jax.demo.make_data import COLORS, MODEL_VOCAB, SHAPES, main, make_dataset, write_demo_tokenizer
+from qwenvl_jax.demo.make_data import COLORS, SHAPES, main, make_dataset, write_demo_tokenizer
 from qwenvl_jax.generation.grounding import ground, parse_grounding
 from qwenvl_jax.processing.image import smart_resize
 from qwenvl_jax.processing.processor import Processor
@@ -181,8 +182,9 @@ def test_boxes_in_resized_pixels(tmp_path, max_pixels):
 def test_tokenizer_covers_the_answers(tmp_path, dataset):
     ids = write_demo_tokenizer(tmp_path)
     tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    assert ids["vocab_size"] == tok.get_vocab_size() <= MODEL_VOCAB
-    assert max(tok.token_to_id(t) for t in SPECIAL_TOKENS) < MODEL_VOCAB
+    model_vocab = Qwen25VLConfig.from_preset("demo").text.vocab_size
+    assert ids["vocab_size"] == tok.get_vocab_size() <= model_vocab
+    assert max(tok.token_to_id(t) for t in SPECIAL_TOKENS) < model_vocab
     texts = [t for r in dataset[1] for t in (r["meta"]["answer"], r["conversations"][0]["value"])]
     for text in texts:
         enc = tok.encode(text)
