@@ -123,6 +123,17 @@ def reference(record: dict, data_root=None) -> tuple[list[dict], list[str], dict
     return prompt, [p["image"] for p in parts if p["type"] == "image"], truth
 
 
+def references(records: list[dict], data_root=None) -> list[tuple[list[dict], list[str], dict]]:
+    """`reference` of every record; a bad one is a ValueError naming its index."""
+    out = []
+    for n, record in enumerate(records):
+        try:
+            out.append(reference(record, data_root))
+        except ValueError as e:
+            raise ValueError(f"record {n}: {e}") from None
+    return out
+
+
 def load_records(path, limit: int | None = None) -> list[dict]:
     """JSON objects of a JSONL file (blank lines skipped), the first `limit` of them."""
     path = Path(path)
@@ -156,12 +167,7 @@ def evaluate(model, processor, records: list[dict], data_root=None, *, max_new_t
 
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
-    prepared = []
-    for n, record in enumerate(records):
-        try:
-            prepared.append(reference(record, data_root))
-        except ValueError as e:
-            raise ValueError(f"record {n}: {e}") from None
+    prepared = references(records, data_root)
     texts, mismatched, compile_s = [], 0, 0.0
     t = time.perf_counter()
     for start in range(0, len(prepared), batch_size):

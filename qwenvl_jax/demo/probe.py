@@ -51,15 +51,11 @@ def answer_nll(model, processor, messages: list[dict], answer: str, images: list
 
 def picture_reliance(model, processor, records: list[dict], data_root=None) -> dict:
     """{task: {"real": mean NLL, "blank": mean NLL with white pictures, "n"}} over the records' first turns."""
-    from qwenvl_jax.eval import reference
+    from qwenvl_jax.eval import references
     from qwenvl_jax.processing.image import load_image
 
     sums: dict[str, list] = {}
-    for n, record in enumerate(records):
-        try:
-            messages, paths, truth = reference(record, data_root)
-        except ValueError as e:
-            raise ValueError(f"record {n}: {e}") from None
+    for messages, paths, truth in references(records, data_root):
         images = [load_image(p) for p in paths]
         blank = [Image.new("RGB", im.size, (255, 255, 255)) for im in images]
         s = sums.setdefault(truth["task"] or "other", [0.0, 0.0, 0])
