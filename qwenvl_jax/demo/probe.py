@@ -9,18 +9,23 @@ probe separates "cannot see" from "sees but cannot answer":
   <|im_end|>) with the real picture and with a white one of the same size. Per task, a model that
   reads the picture scores lower with the real one; equal numbers mean the answer comes from the
   text alone.
+* coordinates: the teacher-forced NLL of each digit of the first box of the grounding answers, by
+  coordinate (x1 y1 x2 y2) and place (hundreds, tens, units). ln 10 = 2.30 is chance for a digit;
+  a model that reads colours but not positions sits there on x1 and y1.
 * image-token embeddings (the merger's output, which replaces the image placeholders) against the
   text tokens' embeddings: rms of all, of their common part (the mean image token) and of the
   part that varies between tokens. On white canvases most tokens are identical, and a common part
   much larger than the varying one leaves the LLM little content to tell tokens apart.
 
-Prints one JSON line: {"nll": {task: {"real", "blank", "n"}}, "embeddings": {...}}.
+Prints one JSON line: {"nll": {task: {"real", "blank", "n"}}, "coordinates": {coord: {place: nll}},
+"embeddings": {...}}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -30,8 +35,8 @@ from PIL import Image
 from qwenvl_jax.cli import user_error
 
 
-def answer_nll(model, processor, messages: list[dict], answer: str, images: list) -> float:
-    """Mean NLL of `answer` + <|im_end|> after `messages` (the prompt), teacher forced.
+def answer_logprobs(model, processor, messages: list[dict], answer: str, images: list) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, teacher-forced log-probs) of `answer` + <|im_end|> after `messages` (the prompt).
 
     The answer's tokens are those after the generation prompt, so their count comes from the
     tokenizer, not from the template's trailing text.
@@ -46,7 +51,12 @@ def answer_nll(model, processor, messages: list[dict], answer: str, images: list
     start = len(processor(text=[prompt], images=images or None)["input_ids"][0])
     stop = start + len(processor.tokenizer.encode(answer)) + 1  # + <|im_end|>
     logp = np.asarray(jax.nn.log_softmax(np.asarray(model(**batch), np.float32)[0], axis=-1))
-    return float(-np.mean(logp[np.arange(start - 1, stop - 1), ids[start:stop]]))
+    return ids[start:stop], logp[np.arange(start - 1, stop - 1), ids[start:stop]]
+
+
+def answer_nll(model, processor, messages: list[dict], answer: str, images: list) -> float:
+    """Mean NLL of `answer` + <|im_end|> after `messages`, teacher forced."""
+    return float(-np.mean(answer_logprobs(model, processor, messages, answer, images)[1]))
 
 
 def picture_reliance(model, processor, records: list[dict], data_root=None) -> dict:
@@ -63,6 +73,51 @@ def picture_reliance(model, processor, records: list[dict], data_root=None) -> d
         s[1] += answer_nll(model, processor, messages, truth["answer"], blank)
         s[2] += 1
     return {task: {"real": round(r / k, 4), "blank": round(b / k, 4), "n": k} for task, (r, b, k) in sums.items()}
+
+
+BOX = re.compile(r'"bbox_2d"\s*:\s*\[\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\]')
+COORDINATES = ("x1", "y1", "x2", "y2")
+PLACES = ("units", "tens", "hundreds", "thousands")
+
+
+def token_spans(tokenizer, ids) -> list[tuple[int, int]]:
+    """Character span of each token in the decoded text of `ids` (prefix decoding: exact for ASCII)."""
+    ends = [len(tokenizer.decode(ids[:i + 1])) for i in range(len(ids))]
+    return list(zip([0] + ends[:-1], ends))
+
+
+def coordinate_tokens(answer: str, spans: list[tuple[int, int]]) -> list[tuple[int, str, str]]:
+    """(token index, coordinate, digit place) of each token inside the numbers of the answer's first
+    bbox_2d. A token holding one digit is named by its place ("tens"); one holding several, "number"."""
+    m = BOX.search(answer)
+    if m is None:
+        return []
+    out = []
+    for k, coord in enumerate(COORDINATES, start=1):
+        lo, hi = m.span(k)
+        for i, (a, b) in enumerate(spans):
+            if lo <= a and b <= hi and b > a:
+                out.append((i, coord, PLACES[hi - 1 - a] if b - a == 1 else "number"))
+    return out
+
+
+def coordinate_nll(model, processor, records: list[dict], data_root=None) -> dict:
+    """{coordinate: {place: mean NLL}} of the first box in the grounding records' first answers,
+    teacher forced. A digit the model cannot place scores ln 10 (2.30), chance among ten; a model
+    that localizes brings the leading places well below it (units stay near chance: sub-patch)."""
+    from qwenvl_jax.eval import references
+    from qwenvl_jax.processing.image import load_image
+
+    sums: dict[str, dict[str, list]] = {}
+    for messages, paths, truth in references(records, data_root):
+        if truth["task"] != "ground":
+            continue
+        ids, logp = answer_logprobs(model, processor, messages, truth["answer"], [load_image(p) for p in paths])
+        for i, coord, place in coordinate_tokens(truth["answer"], token_spans(processor.tokenizer, ids)):
+            s = sums.setdefault(coord, {}).setdefault(place, [0.0, 0])
+            s[0] -= float(logp[i])
+            s[1] += 1
+    return {c: {p: round(v / k, 4) for p, (v, k) in places.items()} for c, places in sums.items()}
 
 
 def embedding_stats(model, batch: dict, image_token_id: int) -> dict:
@@ -105,13 +160,15 @@ def main(argv=None) -> int:
         processor = Processor.from_pretrained(checkpoint)
         model = load_pretrained(checkpoint, dtype=args.dtype)
         nll = picture_reliance(model, processor, records, root)
+        coordinates = coordinate_nll(model, processor, records, root)
         messages, paths, _ = reference(records[0], root)
         batch = processor(text=[processor.apply_chat_template(messages, add_generation_prompt=True)],
                           images=[load_image(p) for p in paths] or None)
         stats = embedding_stats(model, batch, processor.image_token_id)
     except (ValueError, OSError, KeyError) as e:  # user errors: one line, no traceback
         return user_error(e)
-    print(json.dumps({"nll": nll, "embeddings": {k: round(v, 5) for k, v in stats.items()}}))
+    embeddings = {k: round(v, 5) for k, v in stats.items()}
+    print(json.dumps({"nll": nll, "coordinates": coordinates, "embeddings": embeddings}))
     return 0
 
 

@@ -91,3 +91,37 @@ def test_cli_reports_json_and_user_errors(chat_checkpoint, tmp_path, capsys):
     assert set(out["nll"]) == {"attribute"} and out["embeddings"]["image_tokens"] > 0
     assert probe.main(["--checkpoint", str(tmp_path), "--data", str(tmp_path / "d.jsonl")]) == 1
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_coordinate_nll_matches_transformers_by_digit_place(chat_checkpoint, loaded, tmp_path):
+    path, hf_model, ids = chat_checkpoint
+    model, processor = loaded
+    _noise(4).save(tmp_path / "a.png")
+    answer = '[{"bbox_2d":[152,8,77,310],"label":"red circle"}]'
+    rec = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>Locate the red circle."},
+                                               {"from": "gpt", "value": answer}],
+           "meta": {"task": "ground", "answer": answer}}
+    ours = probe.coordinate_nll(model, processor, [rec], tmp_path)
+    # Every digit is one token in this tokenizer (as in Qwen's): the places follow from the numbers.
+    assert {c: set(p) for c, p in ours.items()} == {
+        "x1": {"hundreds", "tens", "units"}, "y1": {"units"}, "x2": {"tens", "units"},
+        "y2": {"hundreds", "tens", "units"}}
+    # Reference: HF log-probs of the answer tokens; each digit found by the HF tokenizer's offsets.
+    messages = _messages("Locate the red circle.")
+    full = processor.apply_chat_template(messages + [
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]}], add_generation_prompt=False)
+    batch = processor(text=[full], images=[Image.open(tmp_path / "a.png")])
+    tokens = np.asarray(batch["input_ids"][0])
+    enc = AutoTokenizer.from_pretrained(path)(answer, return_offsets_mapping=True)
+    start = len(tokens) - 2 - len(enc["input_ids"])  # answer, <|im_end|>, "\n"
+    assert tokens[start:start + len(enc["input_ids"])].tolist() == enc["input_ids"]
+    logits = hf_logits(hf_model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])[0]
+    logp = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), -1).numpy()
+    at_char = {a: start + i for i, (a, b) in enumerate(enc["offset_mapping"]) if b == a + 1}
+    nll = lambda s: -logp[at_char[s] - 1, tokens[at_char[s]]]  # noqa: E731
+    box = answer.index("152")
+    assert ours["x1"]["hundreds"] == pytest.approx(nll(box), rel=1e-4)
+    assert ours["x1"]["units"] == pytest.approx(nll(box + 2), rel=1e-4)
+    assert ours["y1"]["units"] == pytest.approx(nll(answer.index(",8,") + 1), rel=1e-4)
+    assert ours["y2"]["tens"] == pytest.approx(nll(answer.index("310") + 1), rel=1e-4)
