@@ -38,6 +38,7 @@ TASKS = ("count", "attribute", "ground")
 DEFAULT_MIX = (0.4, 0.2, 0.4)
 CANVAS = (160, 448)  # side length range, inclusive
 SIZE = (24, 96)  # shape side range, inclusive
+SHAPE_COUNT = (1, 5)  # shapes per canvas, inclusive
 GAP = 4  # empty pixels kept between shapes' boxes, so same-colour shapes never touch
 MIN_PIXELS, MAX_PIXELS = 3136, 200704
 DEMO_VOCAB = 480  # BPE ids before the 22 added tokens: 502 < 512 (the demo preset's vocab)
@@ -72,12 +73,13 @@ def _place(rng, h: int, w: int, n: int) -> list[tuple[int, int, int]]:
     return tiles
 
 
-def draw_scene(rng) -> tuple[Image.Image, list[dict]]:
-    """A random canvas and its shapes [{"color", "shape", "bbox": tight [x1, y1, x2, y2] pixel edges}]."""
+def draw_scene(rng, count: tuple[int, int] = SHAPE_COUNT) -> tuple[Image.Image, list[dict]]:
+    """A random canvas and its shapes [{"color", "shape", "bbox": tight [x1, y1, x2, y2] pixel edges}],
+    count[0]..count[1] of them (fewer only when rejection sampling finds no room)."""
     h, w = (int(v) for v in rng.integers(CANVAS[0], CANVAS[1] + 1, size=2))
     img = Image.new("RGB", (w, h), (255, 255, 255))
     shapes = []
-    for x, y, s in _place(rng, h, w, int(rng.integers(1, 6))):
+    for x, y, s in _place(rng, h, w, int(rng.integers(count[0], count[1] + 1))):
         color, shape = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
         mask = _mask(shape, s)
         left, top, right, bottom = mask.getbbox()  # exclusive right/bottom = pixel-edge coordinates
@@ -182,15 +184,20 @@ def make_record(rng, tasks: list[str], shapes, image: str, original_hw, resized_
 
 def make_dataset(out_dir, n: int, seed: int = 0, name: str = "train.jsonl", mix=DEFAULT_MIX,
                  min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, per_image: int = 1,
-                 turns: int = 1) -> Path:
+                 turns: int = 1, shapes: tuple[int, int] = SHAPE_COUNT) -> Path:
     """Writes out_dir/name and out_dir/images/<stem>_NNNNN.png (stem keeps train and eval sets apart).
 
     One numpy Generator drives everything in a fixed order, so a seed fixes every byte.
     per_image > 1 asks several questions about each picture (one record each); turns > 1 asks up to
     that many distinct questions about a picture within one record (a multi-turn conversation).
+    shapes = (min, max) shapes per picture, within 1..5 (one shape per picture: a localization warm-up).
     """
     if n < 1 or per_image < 1 or turns < 1:
         raise ValueError(f"--n, --per-image and --turns must be >= 1, got {n}, {per_image} and {turns}")
+    lo, hi = shapes
+    if not SHAPE_COUNT[0] <= lo <= hi <= SHAPE_COUNT[1]:
+        raise ValueError(f"--shapes must be MIN,MAX with {SHAPE_COUNT[0]} <= MIN <= MAX <= {SHAPE_COUNT[1]}, "
+                         f"got {lo},{hi}")
     p = np.asarray(mix, float)
     if p.shape != (3,) or (p < 0).any() or p.sum() <= 0:
         raise ValueError(f"mix must be 3 non-negative weights (count, attribute, ground), got {mix}")
@@ -200,13 +207,13 @@ def make_dataset(out_dir, n: int, seed: int = 0, name: str = "train.jsonl", mix=
     lines = []
     for i in range(n):
         if i % per_image == 0:
-            img, shapes = draw_scene(rng)
+            img, drawn = draw_scene(rng, (lo, hi))
             rel = f"images/{stem}_{i // per_image:05d}.png"
             img.save(out / rel, format="PNG", compress_level=1)
             original = (img.height, img.width)
             resized = smart_resize(*original, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
         tasks = [TASKS[int(k)] for k in rng.choice(3, size=turns, p=p / p.sum())]
-        record = {"id": f"{stem}-{i}", **make_record(rng, tasks, shapes, rel, original, resized)}
+        record = {"id": f"{stem}-{i}", **make_record(rng, tasks, drawn, rel, original, resized)}
         lines.append(json.dumps(record, separators=(",", ":")) + "\n")
     path = out / name
     tmp = path.with_name(path.name + ".tmp")
@@ -273,13 +280,17 @@ def main(argv=None) -> int:
     ap.add_argument("--mix", default=",".join(map(str, DEFAULT_MIX)), help="weights count,attribute,ground")
     ap.add_argument("--per-image", type=int, default=1, help="questions (records) per picture")
     ap.add_argument("--turns", type=int, default=1, help="questions per record (multi-turn conversation)")
+    ap.add_argument("--shapes", default="%d,%d" % SHAPE_COUNT, help="shapes per picture MIN,MAX (1..5)")
     ap.add_argument("--no-tokenizer", action="store_true", help="skip the tokenizer/preprocessor files")
     args = ap.parse_args(argv)
     try:
         mix = [float(v) for v in args.mix.split(",")]
+        shapes = args.shapes.split(",")
+        if len(shapes) != 2 or not all(v.strip().isdigit() for v in shapes):
+            raise ValueError(f"--shapes must be MIN,MAX (two integers), got {args.shapes!r}")
         t = time.perf_counter()
         path = make_dataset(args.out, args.n, args.seed, args.name, mix, args.min_pixels, args.max_pixels,
-                            args.per_image, args.turns)
+                            args.per_image, args.turns, tuple(int(v) for v in shapes))
         if not args.no_tokenizer:
             ids = write_demo_tokenizer(args.out)
             tiny_tokenizer.write_preprocessor_config(args.out, args.min_pixels, args.max_pixels)

@@ -211,3 +211,18 @@ def test_cli_dir_is_a_processor_dir(tmp_path):
     assert gen["do_sample"] is False
     assert sorted(gen["eos_token_id"]) == sorted(processor.eos_token_ids)
     assert gen["pad_token_id"] == processor.pad_token_id
+
+
+def test_shapes_per_picture(tmp_path, capsys):
+    one = _records(make_dataset(tmp_path / "one", 20, seed=6, shapes=(1, 1), mix=(0, 0, 1)))
+    assert all(len(r["meta"]["shapes"]) == 1 for r in one)
+    for rec in one:  # what the pixels show: one shape, the one the answer names
+        found = _detect(tmp_path / "one" / rec["image"])
+        assert len(found) == 1
+        _check_answer(rec["conversations"][0]["value"].removeprefix("<image>"), rec["meta"], found)
+    many = _records(make_dataset(tmp_path / "many", 20, seed=6, shapes=(4, 5)))
+    assert all(len(r["meta"]["shapes"]) <= 5 for r in many)
+    assert sum(len(r["meta"]["shapes"]) >= 4 for r in many) >= 15  # rejection sampling rarely runs out of room
+    for bad in ("0,2", "3,2", "1,6", "2", "a,b"):
+        assert main(["--out", str(tmp_path / "bad"), "--n", "2", "--shapes", bad]) == 1
+        assert "--shapes" in capsys.readouterr().err
