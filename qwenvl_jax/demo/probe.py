@@ -54,23 +54,29 @@ def answer_logprobs(model, processor, messages: list[dict], answer: str, images:
     return ids[start:stop], logp[np.arange(start - 1, stop - 1), ids[start:stop]]
 
 
-def answer_nll(model, processor, messages: list[dict], answer: str, images: list) -> float:
-    """Mean NLL of `answer` + <|im_end|> after `messages`, teacher forced."""
-    return float(-np.mean(answer_logprobs(model, processor, messages, answer, images)[1]))
-
-
-def picture_reliance(model, processor, records: list[dict], data_root=None) -> dict:
-    """{task: {"real": mean NLL, "blank": mean NLL with white pictures, "n"}} over the records' first turns."""
+def score_first_answers(model, processor, records: list[dict], data_root=None) -> list[tuple]:
+    """Per record: (truth, answer token ids, their log-probs with the real picture, with a white one
+    of the same size). One pass feeds both `picture_reliance` and `coordinate_nll`."""
     from qwenvl_jax.eval import references
     from qwenvl_jax.processing.image import load_image
 
-    sums: dict[str, list] = {}
+    scored = []
     for messages, paths, truth in references(records, data_root):
         images = [load_image(p) for p in paths]
         blank = [Image.new("RGB", im.size, (255, 255, 255)) for im in images]
+        ids, real = answer_logprobs(model, processor, messages, truth["answer"], images)
+        white = answer_logprobs(model, processor, messages, truth["answer"], blank)[1]
+        scored.append((truth, ids, real, white))
+    return scored
+
+
+def picture_reliance(scored: list[tuple]) -> dict:
+    """{task: {"real": mean NLL, "blank": mean NLL with white pictures, "n"}} over `score_first_answers`."""
+    sums: dict[str, list] = {}
+    for truth, _, real, white in scored:
         s = sums.setdefault(truth["task"] or "other", [0.0, 0.0, 0])
-        s[0] += answer_nll(model, processor, messages, truth["answer"], images)
-        s[1] += answer_nll(model, processor, messages, truth["answer"], blank)
+        s[0] -= float(np.mean(real))
+        s[1] -= float(np.mean(white))
         s[2] += 1
     return {task: {"real": round(r / k, 4), "blank": round(b / k, 4), "n": k} for task, (r, b, k) in sums.items()}
 
@@ -101,21 +107,18 @@ def coordinate_tokens(answer: str, spans: list[tuple[int, int]]) -> list[tuple[i
     return out
 
 
-def coordinate_nll(model, processor, records: list[dict], data_root=None) -> dict:
-    """{coordinate: {place: mean NLL}} of the first box in the grounding records' first answers,
-    teacher forced. A digit the model cannot place scores ln 10 (2.30), chance among ten; a model
-    that localizes brings the leading places well below it (units stay near chance: sub-patch)."""
-    from qwenvl_jax.eval import references
-    from qwenvl_jax.processing.image import load_image
-
+def coordinate_nll(tokenizer, scored: list[tuple]) -> dict:
+    """{coordinate: {place: mean NLL}} of the first box in the grounding records' first answers
+    (`score_first_answers`, real pictures). A digit the model cannot place scores ln 10 (2.30),
+    chance among ten; a model that localizes brings the leading places well below it (units stay
+    near chance: sub-patch)."""
     sums: dict[str, dict[str, list]] = {}
-    for messages, paths, truth in references(records, data_root):
+    for truth, ids, real, _ in scored:
         if truth["task"] != "ground":
             continue
-        ids, logp = answer_logprobs(model, processor, messages, truth["answer"], [load_image(p) for p in paths])
-        for i, coord, place in coordinate_tokens(truth["answer"], token_spans(processor.tokenizer, ids)):
+        for i, coord, place in coordinate_tokens(truth["answer"], token_spans(tokenizer, ids)):
             s = sums.setdefault(coord, {}).setdefault(place, [0.0, 0])
-            s[0] -= float(logp[i])
+            s[0] -= float(real[i])
             s[1] += 1
     return {c: {p: round(v / k, 4) for p, (v, k) in places.items()} for c, places in sums.items()}
 
@@ -159,8 +162,8 @@ def main(argv=None) -> int:
         records = load_records(args.data, args.limit)
         processor = Processor.from_pretrained(checkpoint)
         model = load_pretrained(checkpoint, dtype=args.dtype)
-        nll = picture_reliance(model, processor, records, root)
-        coordinates = coordinate_nll(model, processor, records, root)
+        scored = score_first_answers(model, processor, records, root)
+        nll, coordinates = picture_reliance(scored), coordinate_nll(processor.tokenizer, scored)
         messages, paths, _ = reference(records[0], root)
         batch = processor(text=[processor.apply_chat_template(messages, add_generation_prompt=True)],
                           images=[load_image(p) for p in paths] or None)

@@ -30,11 +30,11 @@ def _noise(seed, size=(70, 90)):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
 
 
-def test_answer_nll_matches_transformers(chat_checkpoint, loaded):
+def test_answer_logprobs_match_transformers(chat_checkpoint, loaded):
     path, hf_model, ids = chat_checkpoint
     model, processor = loaded
     answer, image = "A pattern of noise.", _noise(0)
-    ours = probe.answer_nll(model, processor, _messages("What is it?"), answer, [image])
+    ours = -np.mean(probe.answer_logprobs(model, processor, _messages("What is it?"), answer, [image])[1])
     # Reference: HF logits on the full conversation; the answer is located by HF's own tokenizer as
     # the tokens before the template's closing "<|im_end|>\n".
     full = processor.apply_chat_template(_messages("What is it?") + [
@@ -58,7 +58,7 @@ def test_white_picture_scores_like_its_blank_twin(loaded, tmp_path):
     records = [{"image": f"{k}.png", "conversations": [{"from": "human", "value": "<image>How many?"},
                                                          {"from": "gpt", "value": "2"}],
                 "meta": {"task": task, "answer": "2"}} for k, task in enumerate(["count", "attribute"])]
-    out = probe.picture_reliance(model, processor, records, tmp_path)
+    out = probe.picture_reliance(probe.score_first_answers(model, processor, records, tmp_path))
     assert out["count"]["real"] == out["count"]["blank"] and out["count"]["n"] == 1
     assert out["attribute"]["real"] != out["attribute"]["blank"]  # noise is not white: the tiny model notices
 
@@ -101,7 +101,7 @@ def test_coordinate_nll_matches_transformers_by_digit_place(chat_checkpoint, loa
     rec = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>Locate the red circle."},
                                                {"from": "gpt", "value": answer}],
            "meta": {"task": "ground", "answer": answer}}
-    ours = probe.coordinate_nll(model, processor, [rec], tmp_path)
+    ours = probe.coordinate_nll(processor.tokenizer, probe.score_first_answers(model, processor, [rec], tmp_path))
     # Every digit is one token in this tokenizer (as in Qwen's): the places follow from the numbers.
     assert {c: set(p) for c, p in ours.items()} == {
         "x1": {"hundreds", "tens", "units"}, "y1": {"units"}, "x2": {"tens", "units"},
