@@ -103,7 +103,9 @@ def coordinate_tokens(answer: str, spans: list[tuple[int, int]]) -> list[tuple[i
         lo, hi = m.span(k)
         for i, (a, b) in enumerate(spans):
             if lo <= a and b <= hi and b > a:
-                out.append((i, coord, PLACES[hi - 1 - a] if b - a == 1 else "number"))
+                place = hi - 1 - a  # digits to the right of this one
+                name = PLACES[place] if place < len(PLACES) else f"10^{place}"
+                out.append((i, coord, name if b - a == 1 else "number"))
     return out
 
 

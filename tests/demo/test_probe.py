@@ -125,3 +125,15 @@ def test_coordinate_nll_matches_transformers_by_digit_place(chat_checkpoint, loa
     assert ours["x1"]["units"] == pytest.approx(nll(box + 2), rel=1e-4)
     assert ours["y1"]["units"] == pytest.approx(nll(answer.index(",8,") + 1), rel=1e-4)
     assert ours["y2"]["tens"] == pytest.approx(nll(answer.index("310") + 1), rel=1e-4)
+
+
+def test_coordinate_tokens_name_every_place():
+    answer = '[{"bbox_2d":[12345,7,80,9],"label":"x"}]'
+    spans = [(k, k + 1) for k in range(len(answer))]  # one character per token
+    places = [(c, p) for _, c, p in probe.coordinate_tokens(answer, spans)]
+    assert places[:5] == [("x1", "10^4"), ("x1", "thousands"), ("x1", "hundreds"), ("x1", "tens"), ("x1", "units")]
+    assert places[5:] == [("y1", "units"), ("x2", "tens"), ("x2", "units"), ("y2", "units")]
+    two = [(0, 2)] + [(k, k + 1) for k in range(2, len(answer))]  # "[{" as one token: nothing inside a number
+    assert [(i + 1, c, p) for i, c, p in probe.coordinate_tokens(answer, two)] == probe.coordinate_tokens(answer, spans)
+    merged = [(k, k + 1) for k in range(13)] + [(13, 15)] + [(k, k + 1) for k in range(15, len(answer))]
+    assert ("x1", "number") in [(c, p) for _, c, p in probe.coordinate_tokens(answer, merged)]
