@@ -73,14 +73,22 @@ def _place(rng, h: int, w: int, n: int) -> list[tuple[int, int, int]]:
     return tiles
 
 
-def draw_scene(rng, count: tuple[int, int] = SHAPE_COUNT) -> tuple[Image.Image, list[dict]]:
+def draw_scene(rng, count: tuple[int, int] = SHAPE_COUNT, repeat: float = 0.0) -> tuple[Image.Image, list[dict]]:
     """A random canvas and its shapes [{"color", "shape", "bbox": tight [x1, y1, x2, y2] pixel edges}],
-    count[0]..count[1] of them (fewer only when rejection sampling finds no room)."""
+    count[0]..count[1] of them (fewer only when rejection sampling finds no room).
+
+    repeat: probability that a shape after the first copies the colour and kind of an earlier one.
+    Independent draws make most counting answers "1" (12 kinds, <= 5 shapes); repeats give training
+    sets the 2-5 answers and multi-box groundings that independent scenes rarely hold.
+    """
     h, w = (int(v) for v in rng.integers(CANVAS[0], CANVAS[1] + 1, size=2))
     img = Image.new("RGB", (w, h), (255, 255, 255))
     shapes = []
     for x, y, s in _place(rng, h, w, int(rng.integers(count[0], count[1] + 1))):
         color, shape = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
+        if repeat > 0 and shapes and rng.random() < repeat:  # no extra draws at 0: old seeds, old bytes
+            ref = shapes[int(rng.integers(len(shapes)))]
+            color, shape = ref["color"], ref["shape"]
         mask = _mask(shape, s)
         left, top, right, bottom = mask.getbbox()  # exclusive right/bottom = pixel-edge coordinates
         img.paste(COLORS[color], (x, y), mask)
@@ -184,13 +192,14 @@ def make_record(rng, tasks: list[str], shapes, image: str, original_hw, resized_
 
 def make_dataset(out_dir, n: int, seed: int = 0, name: str = "train.jsonl", mix=DEFAULT_MIX,
                  min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, per_image: int = 1,
-                 turns: int = 1, shapes: tuple[int, int] = SHAPE_COUNT) -> Path:
+                 turns: int = 1, shapes: tuple[int, int] = SHAPE_COUNT, repeat: float = 0.0) -> Path:
     """Writes out_dir/name and out_dir/images/<stem>_NNNNN.png (stem keeps train and eval sets apart).
 
     One numpy Generator drives everything in a fixed order, so a seed fixes every byte.
     per_image > 1 asks several questions about each picture (one record each); turns > 1 asks up to
     that many distinct questions about a picture within one record (a multi-turn conversation).
     shapes = (min, max) shapes per picture, within 1..5 (one shape per picture: a localization warm-up).
+    repeat = probability that a shape copies an earlier one's colour and kind (see `draw_scene`).
     """
     if n < 1 or per_image < 1 or turns < 1:
         raise ValueError(f"--n, --per-image and --turns must be >= 1, got {n}, {per_image} and {turns}")
@@ -198,6 +207,8 @@ def make_dataset(out_dir, n: int, seed: int = 0, name: str = "train.jsonl", mix=
     if not SHAPE_COUNT[0] <= lo <= hi <= SHAPE_COUNT[1]:
         raise ValueError(f"--shapes must be MIN,MAX with {SHAPE_COUNT[0]} <= MIN <= MAX <= {SHAPE_COUNT[1]}, "
                          f"got {lo},{hi}")
+    if not 0.0 <= repeat <= 1.0:
+        raise ValueError(f"--repeat must be a probability in [0, 1], got {repeat}")
     p = np.asarray(mix, float)
     if p.shape != (3,) or (p < 0).any() or p.sum() <= 0:
         raise ValueError(f"mix must be 3 non-negative weights (count, attribute, ground), got {mix}")
@@ -207,7 +218,7 @@ def make_dataset(out_dir, n: int, seed: int = 0, name: str = "train.jsonl", mix=
     lines = []
     for i in range(n):
         if i % per_image == 0:
-            img, drawn = draw_scene(rng, (lo, hi))
+            img, drawn = draw_scene(rng, (lo, hi), repeat)
             rel = f"images/{stem}_{i // per_image:05d}.png"
             img.save(out / rel, format="PNG", compress_level=1)
             original = (img.height, img.width)
@@ -281,6 +292,8 @@ def main(argv=None) -> int:
     ap.add_argument("--per-image", type=int, default=1, help="questions (records) per picture")
     ap.add_argument("--turns", type=int, default=1, help="questions per record (multi-turn conversation)")
     ap.add_argument("--shapes", default="%d,%d" % SHAPE_COUNT, help="shapes per picture MIN,MAX (1..5)")
+    ap.add_argument("--repeat", type=float, default=0.0,
+                    help="probability a shape repeats an earlier one's colour and kind (more 2-5 counts)")
     ap.add_argument("--no-tokenizer", action="store_true", help="skip the tokenizer/preprocessor files")
     args = ap.parse_args(argv)
     try:
@@ -290,7 +303,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--shapes must be MIN,MAX (two integers), got {args.shapes!r}")
         t = time.perf_counter()
         path = make_dataset(args.out, args.n, args.seed, args.name, mix, args.min_pixels, args.max_pixels,
-                            args.per_image, args.turns, tuple(int(v) for v in shapes))
+                            args.per_image, args.turns, tuple(int(v) for v in shapes), args.repeat)
         if not args.no_tokenizer:
             ids = write_demo_tokenizer(args.out)
             tiny_tokenizer.write_preprocessor_config(args.out, args.min_pixels, args.max_pixels)

@@ -226,3 +226,27 @@ def test_shapes_per_picture(tmp_path, capsys):
     for bad in ("0,2", "3,2", "1,6", "2", "a,b"):
         assert main(["--out", str(tmp_path / "bad"), "--n", "2", "--shapes", bad]) == 1
         assert "--shapes" in capsys.readouterr().err
+
+
+def test_repeat_makes_larger_counts(tmp_path, capsys):
+    """--repeat P: shapes copy earlier shapes' colour and kind, so counts of 2+ and multi-box
+    groundings become common; every answer still matches the pixels."""
+    def big_counts(records):
+        turns = [m for r in records for m in r["meta"]["turns"] if m["task"] == "count"]
+        return sum(m["answer"] != "1" for m in turns) / len(turns)
+
+    plain = _records(make_dataset(tmp_path / "plain", 60, seed=8, turns=4, shapes=(3, 5)))
+    repeated = _records(make_dataset(tmp_path / "rep", 60, seed=8, turns=4, shapes=(3, 5), repeat=0.8))
+    assert big_counts(repeated) > big_counts(plain) + 0.15
+    kinds = [len({(s["color"], s["shape"]) for s in r["meta"]["shapes"]}) / len(r["meta"]["shapes"]) for r in repeated]
+    assert np.mean(kinds) < 0.7
+    for rec in repeated[:20]:
+        found = _detect(tmp_path / "rep" / rec["image"])
+        key = lambda s: (s["bbox"], s["color"], s["shape"])  # noqa: E731
+        assert sorted(map(key, found)) == sorted(map(key, rec["meta"]["shapes"]))
+        questions = [c["value"].removeprefix("<image>") for c in rec["conversations"][::2]]
+        for question, meta in zip(questions, rec["meta"]["turns"]):
+            _check_answer(question, meta, found)
+    for bad in ("-0.1", "1.5"):
+        assert main(["--out", str(tmp_path / "bad"), "--n", "2", "--repeat", bad]) == 1
+        assert "--repeat" in capsys.readouterr().err
