@@ -41,7 +41,12 @@ SIZE = (24, 96)  # shape side range, inclusive
 SHAPE_COUNT = (1, 5)  # shapes per canvas, inclusive
 GAP = 4  # empty pixels kept between shapes' boxes, so same-colour shapes never touch
 MIN_PIXELS, MAX_PIXELS = 3136, 200704
-DEMO_VOCAB = 480  # BPE ids before the 22 added tokens: 502 < 512 (the demo preset's vocab)
+DEMO_VOCAB = 1400  # BPE ids before the 22 added tokens: < 1536 (the demo preset's vocab)
+# Qwen2's split with numbers cut into runs of up to 3 digits instead of single digits (as cl100k does),
+# and every number 0..999 in the BPE corpus: a box coordinate is one token, a class the model picks
+# from a position it has located, instead of 1-3 digits whose first one (1, 1x or 1xx?) already
+# needs the whole number. Everything else tokenizes as Qwen2's pipeline does.
+DEMO_SPLIT = tiny_tokenizer.QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
 
 
 # ------------------------------------------------------------------------------------------ drawing
@@ -251,6 +256,7 @@ def demo_corpus() -> str:
         boxes = [[int(v) for v in rng.integers(0, 448, 4)] for _ in range(1 + k % 3)]
         lines.append(grounding_answer(boxes, f"{c} {s}"))
     lines.append(" ".join(str(d) for d in range(10)) + " 0123456789")
+    lines += [",".join(str(v) for v in range(k, k + 20)) for k in range(0, 1000, 20)]  # every coordinate
     return "\n".join(lines * 3) + "\n"
 
 
@@ -260,7 +266,7 @@ def write_demo_tokenizer(out_dir) -> dict[str, int]:
     Same Qwen2 pipeline and added tokens as `make_tiny_tokenizer` (which writes it), so the chat
     template and special ids behave exactly as in the repo's tests. Returns special ids by name and vocab_size.
     """
-    ids = tiny_tokenizer.make_tiny_tokenizer(out_dir, demo_corpus(), DEMO_VOCAB)
+    ids = tiny_tokenizer.make_tiny_tokenizer(out_dir, demo_corpus(), DEMO_VOCAB, DEMO_SPLIT)
     model_vocab = Qwen25VLConfig.from_preset("demo").text.vocab_size
     if ids["vocab_size"] > model_vocab:
         raise RuntimeError(f"demo tokenizer has {ids['vocab_size']} ids; the demo preset holds {model_vocab}")

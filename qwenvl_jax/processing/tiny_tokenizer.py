@@ -59,11 +59,11 @@ Thank you for the question. I think the answer is yes, because the image shows i
 """
 
 
-def _train(corpus: str, train_vocab: int) -> Tokenizer:
+def _train(corpus: str, train_vocab: int, split: str) -> Tokenizer:
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
@@ -75,12 +75,14 @@ def _train(corpus: str, train_vocab: int) -> Tokenizer:
     return tok
 
 
-def make_tiny_tokenizer(out_dir, corpus: str = CORPUS, train_vocab: int = TRAIN_VOCAB) -> dict[str, int]:
+def make_tiny_tokenizer(out_dir, corpus: str = CORPUS, train_vocab: int = TRAIN_VOCAB,
+                        split: str = QWEN2_SPLIT) -> dict[str, int]:
     """Writes tokenizer.json, tokenizer_config.json and chat_template.jinja; returns special ids by name.
-    corpus / train_vocab: the BPE training text and its vocabulary bound (the shapes demo passes its own)."""
+    corpus / train_vocab: the BPE training text and its vocabulary bound; split: the pre-tokenizer
+    regex (Qwen2's by default; the shapes demo passes its own three of each)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = _train(corpus, train_vocab)
+    tok = _train(corpus, train_vocab, split)
     tok.save(str(out / "tokenizer.json"))
     decoder = {
         str(tok.token_to_id(t)): dict(content=t, lstrip=False, normalized=False, rstrip=False,
@@ -92,7 +94,9 @@ def make_tiny_tokenizer(out_dir, corpus: str = CORPUS, train_vocab: int = TRAIN_
         additional_special_tokens=list(SPECIAL_TOKENS[1:]), bos_token=None,
         clean_up_tokenization_spaces=False, eos_token="<|im_end|>", errors="replace",
         model_max_length=32768, pad_token="<|endoftext|>", split_special_tokens=False,
-        tokenizer_class="Qwen2Tokenizer", unk_token=None,
+        # transformers 5.x's Qwen2Tokenizer rebuilds Qwen2's split regex and ignores tokenizer.json's;
+        # with another split only the generic fast class tokenizes as this file says.
+        tokenizer_class="Qwen2Tokenizer" if split == QWEN2_SPLIT else "PreTrainedTokenizerFast", unk_token=None,
     )
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (out / "chat_template.jinja").write_text(DEFAULT_CHAT_TEMPLATE)

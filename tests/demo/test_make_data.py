@@ -194,6 +194,25 @@ def test_tokenizer_covers_the_answers(tmp_path, dataset):
             assert len(tok.encode(f" {c} {s}").ids) == 2
 
 
+def test_coordinates_are_one_token_here_and_in_transformers(tmp_path, dataset):
+    """Numbers 0..999 are single tokens (the demo's split), and transformers' AutoTokenizer, which
+    rebuilds Qwen2's own split for a Qwen2Tokenizer, reads the saved tokenizer the same way."""
+    from transformers import AutoTokenizer
+
+    write_demo_tokenizer(tmp_path)
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert all(len(tok.encode(str(k)).ids) == 1 for k in range(1000))
+    assert tok.encode("1234").tokens == ["123", "4"]
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    texts = [r["meta"]["answer"] for r in dataset[1][:40]] + ["There are 5 apples in 2024, not 12345."]
+    for text in texts:
+        assert hf(text)["input_ids"] == tok.encode(text).ids
+    boxes = [b for r in dataset[1] if r["meta"]["task"] == "ground" for b in r["meta"]["boxes_resized"]]
+    for box in boxes[:10]:
+        ids = tok.encode(",".join(map(str, box))).ids
+        assert len(ids) == 7  # four numbers, three commas
+
+
 def test_cli_dir_is_a_processor_dir(tmp_path):
     assert main(["--out", str(tmp_path), "--n", "12", "--seed", "2", "--max-pixels", "50176",
                  "--name", "eval.jsonl"]) == 0
