@@ -263,8 +263,9 @@ def demo_corpus() -> str:
 def write_demo_tokenizer(out_dir) -> dict[str, int]:
     """tokenizer.json / tokenizer_config.json / chat_template.jinja trained on `demo_corpus()`.
 
-    Same Qwen2 pipeline and added tokens as `make_tiny_tokenizer` (which writes it), so the chat
-    template and special ids behave exactly as in the repo's tests. Returns special ids by name and vocab_size.
+    Qwen2's pipeline except the number split (DEMO_SPLIT), and the same added tokens as
+    `make_tiny_tokenizer` (which writes it), so the chat template and special ids behave as in the
+    repo's tests. Returns special ids by name and vocab_size.
     """
     ids = tiny_tokenizer.make_tiny_tokenizer(out_dir, demo_corpus(), DEMO_VOCAB, DEMO_SPLIT)
     model_vocab = Qwen25VLConfig.from_preset("demo").text.vocab_size

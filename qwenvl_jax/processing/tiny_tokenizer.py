@@ -79,7 +79,7 @@ def make_tiny_tokenizer(out_dir, corpus: str = CORPUS, train_vocab: int = TRAIN_
                         split: str = QWEN2_SPLIT) -> dict[str, int]:
     """Writes tokenizer.json, tokenizer_config.json and chat_template.jinja; returns special ids by name.
     corpus / train_vocab: the BPE training text and its vocabulary bound; split: the pre-tokenizer
-    regex (Qwen2's by default; the shapes demo passes its own three of each)."""
+    regex (Qwen2's by default; the shapes demo passes one that keeps numbers of up to 3 digits whole)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = _train(corpus, train_vocab, split)
