@@ -111,9 +111,10 @@ def coordinate_tokens(answer: str, spans: list[tuple[int, int]]) -> list[tuple[i
 
 def coordinate_nll(tokenizer, scored: list[tuple]) -> dict:
     """{coordinate: {place: mean NLL}} of the first box in the grounding records' first answers
-    (`score_first_answers`, real pictures). A digit the model cannot place scores ln 10 (2.30),
-    chance among ten; a model that localizes brings the leading places well below it (units stay
-    near chance: sub-patch)."""
+    (`score_first_answers`, real pictures). With digit tokens, a digit the model cannot place scores
+    ln 10 (2.30), chance among ten; a model that localizes brings the leading places well below it.
+    With number tokens (the demo tokenizer) a multi-digit coordinate is "number" (chance ~ln of the
+    coordinate range) and a one-digit coordinate still reports as "units"."""
     sums: dict[str, dict[str, list]] = {}
     for truth, ids, real, _ in scored:
         if truth["task"] != "ground":
