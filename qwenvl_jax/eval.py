@@ -68,8 +68,9 @@ def score(records: list[dict], predictions: list[str]) -> dict:
     """Metrics for predictions (model texts) against records (each with "answer", and "task"/"boxes").
 
     A record here is `{"answer": str, "task": "count"|"attribute"|"ground"|None, "boxes": [[x1,y1,x2,y2]]}`
-    (`reference` builds it from a JSONL record). A grounding prediction is exact when its boxes and
-    labels equal the truth's as sets, whatever its JSON spacing; other answers compare after `normalize`.
+    (`reference` builds it from a JSONL record); "detect" (make_data's "Locate every shape.") scores as
+    "ground". A grounding prediction is exact when its boxes and labels equal the truth's as sets,
+    whatever its JSON spacing; other answers compare after `normalize`.
     Metrics of a task with no records are None.
     """
     if len(records) != len(predictions):
@@ -78,6 +79,8 @@ def score(records: list[dict], predictions: list[str]) -> dict:
     ious, n_pred, pred_hits = [], 0, 0
     for rec, pred in zip(records, predictions):
         task = rec.get("task")
+        if task == "detect":  # "Locate every shape.": grounding with a label per box
+            task = "ground"
         if task == "ground":
             truth = rec.get("boxes")
             truth = [b for _, b in _items(rec["answer"])] if truth is None else truth

@@ -9,6 +9,8 @@ in four colours. Each record asks one question in the repo's LLaVA form:
     count      "How many red circles are there?"      -> "2"
     attribute  "What color is the triangle?"          -> "blue"   (asked only when the answer is unique)
     ground     "Locate the blue square."              -> [{"bbox_2d":[x1,y1,x2,y2],"label":"blue square"}]
+    detect     "Locate every shape."                  -> every shape's box and "colour kind" label
+               (off by default: a 4th --mix weight; a dense target, all boxes and labels in one answer)
 
 Boxes are in absolute pixels of the *resized* model input (smart_resize with --min/--max-pixels),
 as Qwen2.5-VL answers. `parse_record` ignores unknown top-level keys, so each record carries a
@@ -34,8 +36,8 @@ from qwenvl_jax.processing.image import smart_resize
 
 COLORS = {"red": (255, 0, 0), "green": (0, 160, 0), "blue": (0, 0, 255), "yellow": (230, 200, 0)}
 SHAPES = ("circle", "square", "triangle")
-TASKS = ("count", "attribute", "ground")
-DEFAULT_MIX = (0.4, 0.2, 0.4)
+TASKS = ("count", "attribute", "ground", "detect")
+DEFAULT_MIX = (0.4, 0.2, 0.4)  # count, attribute, ground; a 4th weight (detect) is optional
 CANVAS = (160, 448)  # side length range, inclusive
 SIZE = (24, 96)  # shape side range, inclusive
 SHAPE_COUNT = (1, 5)  # shapes per canvas, inclusive
@@ -109,10 +111,12 @@ def scale_box(box, original_hw, resized_hw) -> list[int]:
     return [round(v * (rw / ow if k % 2 == 0 else rh / oh)) for k, v in enumerate(box)]
 
 
-def grounding_answer(boxes: list[list[int]], label: str) -> str:
+def grounding_answer(boxes: list[list[int]], label: str | list[str]) -> str:
     """Compact JSON, left to right: fewer tokens to learn than Qwen's fenced, spaced form
-    (parse_grounding reads both), and one canonical order so the target is deterministic."""
-    items = [{"bbox_2d": b, "label": label} for b in sorted(boxes, key=lambda b: (b[0], b[1]))]
+    (parse_grounding reads both), and one canonical order so the target is deterministic.
+    label: one for every box, or one per box."""
+    labels = [label] * len(boxes) if isinstance(label, str) else list(label)
+    items = [{"bbox_2d": b, "label": lab} for b, lab in sorted(zip(boxes, labels), key=lambda x: (x[0][0], x[0][1]))]
     return json.dumps(items, separators=(",", ":"))
 
 
@@ -151,11 +155,20 @@ def _ground(rng, shapes, original_hw, resized_hw):
     return q, grounding_answer(boxes, label), sorted(boxes, key=lambda b: (b[0], b[1]))
 
 
+def _detect(shapes, original_hw, resized_hw):
+    """Every shape, left to right, with its "colour kind" label; draws no random numbers."""
+    boxes = [scale_box(s["bbox"], original_hw, resized_hw) for s in shapes]
+    answer = grounding_answer(boxes, [f"{s['color']} {s['shape']}" for s in shapes])
+    return "Locate every shape.", answer, sorted(boxes, key=lambda b: (b[0], b[1]))
+
+
 def _question(rng, task: str, shapes, original_hw, resized_hw) -> tuple[str, str, dict]:
     """One (question, answer, meta); an attribute question without a unique answer becomes a count."""
     meta = {"task": task}
     qa = _attribute(rng, shapes) if task == "attribute" else None
-    if task == "ground":
+    if task == "detect":
+        q, a, meta["boxes_resized"] = _detect(shapes, original_hw, resized_hw)
+    elif task == "ground":
         q, a, meta["boxes_resized"] = _ground(rng, shapes, original_hw, resized_hw)
     elif qa is not None:
         q, a = qa
@@ -215,8 +228,8 @@ def make_dataset(out_dir, n: int, seed: int = 0, name: str = "train.jsonl", mix=
     if not 0.0 <= repeat <= 1.0:
         raise ValueError(f"--repeat must be a probability in [0, 1], got {repeat}")
     p = np.asarray(mix, float)
-    if p.shape != (3,) or (p < 0).any() or p.sum() <= 0:
-        raise ValueError(f"mix must be 3 non-negative weights (count, attribute, ground), got {mix}")
+    if p.shape not in ((3,), (4,)) or (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"mix must be 3 or 4 non-negative weights (count, attribute, ground[, detect]), got {mix}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     stem, rng = Path(name).stem, np.random.default_rng(seed)
@@ -228,7 +241,7 @@ def make_dataset(out_dir, n: int, seed: int = 0, name: str = "train.jsonl", mix=
             img.save(out / rel, format="PNG", compress_level=1)
             original = (img.height, img.width)
             resized = smart_resize(*original, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
-        tasks = [TASKS[int(k)] for k in rng.choice(3, size=turns, p=p / p.sum())]
+        tasks = [TASKS[int(k)] for k in rng.choice(len(p), size=turns, p=p / p.sum())]
         record = {"id": f"{stem}-{i}", **make_record(rng, tasks, drawn, rel, original, resized)}
         lines.append(json.dumps(record, separators=(",", ":")) + "\n")
     path = out / name
@@ -295,7 +308,8 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="train.jsonl", help="JSONL file name inside --out")
     ap.add_argument("--min-pixels", type=int, default=MIN_PIXELS)
     ap.add_argument("--max-pixels", type=int, default=MAX_PIXELS)
-    ap.add_argument("--mix", default=",".join(map(str, DEFAULT_MIX)), help="weights count,attribute,ground")
+    ap.add_argument("--mix", default=",".join(map(str, DEFAULT_MIX)),
+                    help="weights count,attribute,ground[,detect] (detect: 'Locate every shape.')")
     ap.add_argument("--per-image", type=int, default=1, help="questions (records) per picture")
     ap.add_argument("--turns", type=int, default=1, help="questions per record (multi-turn conversation)")
     ap.add_argument("--shapes", default="%d,%d" % SHAPE_COUNT, help="shapes per picture MIN,MAX (1..5)")

@@ -118,6 +118,12 @@ def _check_answer(question: str, meta: dict, found: list[dict]) -> None:
             color = re.fullmatch(r"What shape is the (\w+) object\?", question).group(1)
             [hit] = [s for s in found if s["color"] == color]
             assert meta["answer"] == hit["shape"]
+    elif meta["task"] == "detect":  # every shape, left to right, each with its own label
+        assert question == "Locate every shape."
+        items = [(i["bbox_2d"], i["label"]) for i in parse_grounding(meta["answer"])]
+        boxes = [b for b, _ in items]
+        assert boxes == meta["boxes_resized"] and [b[0] for b in boxes] == sorted(b[0] for b in boxes)
+        assert sorted(lab for _, lab in items) == sorted(f"{s['color']} {s['shape']}" for s in found)
     else:
         label = re.fullmatch(r"Locate (?:the|every) (\w+ \w+)\.", question).group(1)
         items = parse_grounding(meta["answer"])
@@ -269,3 +275,24 @@ def test_repeat_makes_larger_counts(tmp_path, capsys):
     for bad in ("-0.1", "1.5"):
         assert main(["--out", str(tmp_path / "bad"), "--n", "2", "--repeat", bad]) == 1
         assert "--repeat" in capsys.readouterr().err
+
+
+def test_detect_names_every_shape(tmp_path, capsys):
+    """The 4th --mix weight asks "Locate every shape.": each shape's box (resized pixels) and label,
+    true to the pixels; a 3-weight mix (the default) never asks it and draws the same bytes as
+    an explicit zero detect weight."""
+    records = _records(make_dataset(tmp_path / "det", 30, seed=9, mix=(0, 0, 0, 1)))
+    for rec in records:
+        meta = rec["meta"]
+        found = _detect(tmp_path / "det" / rec["image"])
+        _check_answer(rec["conversations"][0]["value"].removeprefix("<image>"), meta, found)
+        (oh, ow), (rh, rw) = meta["original_hw"], meta["resized_hw"]
+        scaled = sorted([round(x1 * rw / ow), round(y1 * rh / oh), round(x2 * rw / ow), round(y2 * rh / oh)]
+                        for x1, y1, x2, y2 in (s["bbox"] for s in found))
+        assert sorted(meta["boxes_resized"]) == scaled
+    assert sum(len(r["meta"]["shapes"]) > 1 for r in records) > 10
+    three = make_dataset(tmp_path / "a", 20, seed=3, turns=3)
+    four = make_dataset(tmp_path / "b", 20, seed=3, turns=3, mix=(0.4, 0.2, 0.4, 0))
+    assert three.read_bytes() == four.read_bytes()
+    assert main(["--out", str(tmp_path / "bad"), "--n", "2", "--mix", "1,1,1,1,1"]) == 1
+    assert "mix must be 3 or 4" in capsys.readouterr().err
