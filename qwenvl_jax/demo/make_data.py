@@ -111,12 +111,17 @@ def scale_box(box, original_hw, resized_hw) -> list[int]:
     return [round(v * (rw / ow if k % 2 == 0 else rh / oh)) for k, v in enumerate(box)]
 
 
+def left_to_right(box) -> tuple[int, int]:
+    """Sort key of the canonical box order in answers: x1, then y1."""
+    return box[0], box[1]
+
+
 def grounding_answer(boxes: list[list[int]], label: str | list[str]) -> str:
     """Compact JSON, left to right: fewer tokens to learn than Qwen's fenced, spaced form
     (parse_grounding reads both), and one canonical order so the target is deterministic.
     label: one for every box, or one per box."""
     labels = [label] * len(boxes) if isinstance(label, str) else list(label)
-    items = [{"bbox_2d": b, "label": lab} for b, lab in sorted(zip(boxes, labels), key=lambda x: (x[0][0], x[0][1]))]
+    items = [{"bbox_2d": b, "label": lab} for b, lab in sorted(zip(boxes, labels), key=lambda x: left_to_right(x[0]))]
     return json.dumps(items, separators=(",", ":"))
 
 
@@ -152,14 +157,14 @@ def _ground(rng, shapes, original_hw, resized_hw):
     boxes = [scale_box(s["bbox"], original_hw, resized_hw) for s in shapes
              if s["color"] == ref["color"] and s["shape"] == ref["shape"]]
     q = f"Locate the {label}." if len(boxes) == 1 else f"Locate every {label}."
-    return q, grounding_answer(boxes, label), sorted(boxes, key=lambda b: (b[0], b[1]))
+    return q, grounding_answer(boxes, label), sorted(boxes, key=left_to_right)
 
 
 def _detect(shapes, original_hw, resized_hw):
     """Every shape, left to right, with its "colour kind" label; draws no random numbers."""
     boxes = [scale_box(s["bbox"], original_hw, resized_hw) for s in shapes]
     answer = grounding_answer(boxes, [f"{s['color']} {s['shape']}" for s in shapes])
-    return "Locate every shape.", answer, sorted(boxes, key=lambda b: (b[0], b[1]))
+    return "Locate every shape.", answer, sorted(boxes, key=left_to_right)
 
 
 def _question(rng, task: str, shapes, original_hw, resized_hw) -> tuple[str, str, dict]:

@@ -69,6 +69,17 @@ def test_score_wrong_malformed_and_missing():
     assert half["grounding_mean_iou"] == round((2 / 3 + 2) / 3, 4)
 
 
+def test_detect_scores_as_grounding():
+    """make_data's "Locate every shape." answers (a label per box) count toward the grounding metrics."""
+    answer = json.dumps([{"bbox_2d": [0, 0, 20, 20], "label": "red circle"},
+                         {"bbox_2d": [100, 100, 140, 140], "label": "blue square"}], separators=(",", ":"))
+    record = {"task": "detect", "answer": answer, "boxes": [[0, 0, 20, 20], [100, 100, 140, 140]]}
+    out = ev.score([record], [answer])
+    assert out["n_ground"] == 1 and out["grounding_iou50"] == 1.0 and out["exact_accuracy"] == 1.0
+    one = ev.score([record], [_box([0, 0, 20, 20])])  # one of the two boxes, and the wrong label
+    assert one["grounding_iou50"] == 0.5 and one["exact_accuracy"] == 0.0
+
+
 def test_score_without_tasks_and_length_check():
     out = ev.score([{"task": None, "answer": "a"}], ["a"])
     assert out["exact_accuracy"] == 1.0 and out["counting_accuracy"] is None and out["grounding_iou50"] is None
