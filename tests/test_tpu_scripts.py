@@ -138,9 +138,9 @@ def fake_gcloud(env, tmp_path):
     return calls
 
 
-def run_script(name, *args, env, stdin=subprocess.DEVNULL):
+def run_script(name, *args, env, stdin=subprocess.DEVNULL, scripts_dir=SCRIPTS_DIR):
     return subprocess.run(
-        ["bash", str(SCRIPTS_DIR / name), *args], env=env, stdin=stdin,
+        ["bash", str(scripts_dir / name), *args], env=env, stdin=stdin,
         capture_output=True, text=True, timeout=60,
     )
 
@@ -326,8 +326,10 @@ def test_setup_run_and_copy_end_to_end(fake_gcloud, env, tmp_path):
     """setup.sh -> run.sh -> copy_checkpoint.sh against the fake gcloud and a stub Python."""
     python = write_executable(tmp_path / "bin" / "stub-python3.11", FAKE_PYTHON)
     home = tmp_path / "home"
-    (home / "qwenvl_jax" / "stale.txt").parent.mkdir()
-    (home / "qwenvl_jax" / "stale.txt").write_text("left from an older copy")
+    (home / "qwenvl_jax" / "runs").mkdir(parents=True)
+    (home / "qwenvl_jax" / "stale.txt").write_text("shipped by an earlier setup.sh, gone here since")
+    (home / "qwenvl_jax" / ".qwenvl_jax_setup_files").write_text("stale.txt\npyproject.toml\n")
+    (home / "qwenvl_jax" / "runs" / "metrics.jsonl").write_text("written on the worker")
 
     r = run_script("setup.sh", "-n", "t", "-z", "z1", "--python", str(python),
                    "--exclude", "tests", "--exclude", "bench", env=env)
@@ -337,6 +339,9 @@ def test_setup_run_and_copy_end_to_end(fake_gcloud, env, tmp_path):
     assert (tree / "pyproject.toml").is_file() and (tree / "tpu_scripts" / "run.sh").is_file()
     assert not (tree / "tests").exists() and not (tree / ".git").exists()
     assert not (tree / "stale.txt").exists() and (tree / ".venv" / "bin" / "python").exists()
+    assert (tree / "runs" / "metrics.jsonl").read_text() == "written on the worker"
+    shipped = (tree / ".qwenvl_jax_setup_files").read_text().splitlines()
+    assert "pyproject.toml" in shipped and "stale.txt" not in shipped
     assert not (home / "qwenvl_jax_src.tar.gz").exists()
     assert "-m pip install -q -e .[tpu,video]" in (tmp_path / "python.log").read_text()
     ops = [c[3] for c in fake_gcloud()]
@@ -357,6 +362,38 @@ def test_setup_run_and_copy_end_to_end(fake_gcloud, env, tmp_path):
     (tmp_path / "gcs" / "bucket" / "not-a-ckpt").mkdir()
     r = run_script("copy_checkpoint.sh", "-n", "t", "gs://bucket/not-a-ckpt", env=env)
     assert r.returncode != 0 and "config.json is missing" in r.stderr
+
+
+def test_setup_packs_what_git_would_commit(fake_gcloud, env, tmp_path):
+    """--source local ships tracked and untracked-but-not-ignored files, not ignored data (unless
+    --include names it) and not a tracked file deleted here."""
+    repo = tmp_path / "repo"
+    shutil.copytree(SCRIPTS_DIR, repo / "tpu_scripts")
+    (repo / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (repo / ".gitignore").write_text("data/\n")
+    for rel in ["data/big.bin", "data/demo/tokenizer.json", "gone.py", "new_module.py"]:
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(rel)
+    git = ["git", "-C", str(repo), "-c", "init.defaultBranch=main"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "tpu_scripts", "pyproject.toml", ".gitignore", "gone.py"], check=True)
+    (repo / "gone.py").unlink()
+    python = write_executable(tmp_path / "bin" / "stub-python3.11", FAKE_PYTHON)
+
+    r = run_script("setup.sh", "-n", "t", "-z", "z1", "--python", str(python), "--include", "data/demo",
+                   env=env, scripts_dir=repo / "tpu_scripts")
+    assert r.returncode == 0, r.stdout + r.stderr
+    tree = tmp_path / "home" / "qwenvl_jax"
+    assert (tree / "new_module.py").is_file() and (tree / "tpu_scripts" / "setup.sh").is_file()
+    assert (tree / "data" / "demo" / "tokenizer.json").read_text() == "data/demo/tokenizer.json"
+    assert not (tree / "data" / "big.bin").exists() and not (tree / "gone.py").exists()
+
+    r = run_script("setup.sh", "-n", "t", "--dry-run", "--include", "data/missing", env=env,
+                   scripts_dir=repo / "tpu_scripts")
+    assert r.returncode == 1 and "data/missing" in r.stderr
+    r = run_script("setup.sh", "-n", "t", "--dry-run", "--source", "git", "--repo", "u",
+                   "--include", "data/demo", env=env)
+    assert r.returncode == 2 and "--include" in r.stderr.splitlines()[0]
 
 
 # ---- run.sh ----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ REPO_REF=${REPO_REF:-main}
 REMOTE_PYTHON=${REMOTE_PYTHON:-}
 EXTRAS=${EXTRAS:-tpu,video}
 EXCLUDES=()
+INCLUDES=()
 
 usage() {
   cat <<EOF
@@ -22,13 +23,19 @@ jax.device_count().
 
 Options (flag, else environment variable):
       --source local|git    where the code comes from                [SOURCE, default: local]
-                            local: a tarball of this working tree (without .venv, .git,
-                            caches), copied with tpu-vm scp; files deleted here are deleted
-                            on the workers too (REMOTE_DIR/.venv is kept)
+                            local: a tarball of the files git would commit here (tracked
+                            and untracked, minus .gitignore'd ones such as data/ and runs/;
+                            the whole tree minus .venv, .git and caches outside a git
+                            checkout), copied with tpu-vm scp. A file an earlier setup.sh
+                            shipped and that is gone here is deleted on the workers too;
+                            files made on the workers (runs/, checkpoints) are kept
                             git: git clone/fetch on each worker
       --repo URL            repository to clone (--source git)                     [REPO_URL]
       --ref REF             branch, tag or commit (--source git)    [REPO_REF, default: main]
       --exclude PATTERN     leave PATTERN out of the local tarball too (repeatable)
+      --include PATH        add PATH (a file or directory, relative to the repository root)
+                            to the local tarball even if git ignores it, e.g. data/demo
+                            (repeatable)
       --python PATH         Python on the workers        [REMOTE_PYTHON, default: the newest
                             of python3.13/3.12/3.11/python3 that is >= 3.11]
       --extras LIST         pip extras to install            [EXTRAS, default: tpu,video]
@@ -65,6 +72,10 @@ while (($#)); do
       take_opt "$@"
       EXCLUDES+=("--exclude=$OPTVAL")
       ;;
+    --include | --include=*)
+      take_opt "$@"
+      INCLUDES+=("$OPTVAL")
+      ;;
     --python | --python=*)
       take_opt "$@"
       REMOTE_PYTHON=$OPTVAL
@@ -84,13 +95,14 @@ case "$SOURCE" in
   git)
     [[ -n $REPO_URL ]] || usage_error "--source git needs --repo URL (or REPO_URL)"
     [[ -n $REPO_REF ]] || usage_error "--ref needs a value"
+    ((${#INCLUDES[@]} == 0)) || usage_error "--include needs --source local"
     ;;
   *) usage_error "--source must be 'local' or 'git', got '$SOURCE'" ;;
 esac
 # shellcheck disable=SC2088  # literal ~ paths, as REMOTE_DIR is written
 case "$REMOTE_DIR" in
   "~" | "~/" | / | . | ./ | "$HOME" | "$HOME/")
-    die "refusing --remote-dir '$REMOTE_DIR': setup.sh replaces that directory's contents" ;;
+    die "refusing --remote-dir '$REMOTE_DIR': setup.sh unpacks the project into that directory" ;;
 esac
 [[ $EXTRAS =~ ^[A-Za-z0-9_,.-]*$ ]] || die "bad --extras '$EXTRAS': a comma-separated list of extras"
 
@@ -101,16 +113,37 @@ TARBALL=qwenvl_jax_src.tar.gz # lands in the home directory of each worker
 if [[ $SOURCE == local ]]; then
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
+  for path in ${INCLUDES[@]+"${INCLUDES[@]}"}; do
+    [[ $path != /* && $path != *..* ]] || die "bad --include '$path': give a path inside $REPO_ROOT"
+    [[ -e $REPO_ROOT/$path ]] || die "--include '$path': no such file or directory in $REPO_ROOT"
+  done
+  # The NUL-separated list of what to pack: what git would commit (tracked files still present,
+  # untracked ones not ignored) plus --include; generated data and runs stay here.
+  if git -C "$REPO_ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    while IFS= read -r -d '' f; do
+      if [[ -e $REPO_ROOT/$f || -L $REPO_ROOT/$f ]]; then printf '%s\0' "$f"; fi
+    done < <(git -C "$REPO_ROOT" ls-files -z --cached --others --exclude-standard) >"$tmp/files"
+  else
+    printf '.\0' >"$tmp/files"
+  fi
+  for path in ${INCLUDES[@]+"${INCLUDES[@]}"}; do printf '%s\0' "$path" >>"$tmp/files"; done
   info "packing $REPO_ROOT"
   # COPYFILE_DISABLE keeps macOS tar from adding ._* files.
   run env COPYFILE_DISABLE=1 tar -czf "$tmp/$TARBALL" -C "$REPO_ROOT" \
     --exclude=.venv --exclude=.git --exclude=__pycache__ --exclude=.pytest_cache \
-    --exclude='*.egg-info' ${EXCLUDES[@]+"${EXCLUDES[@]}"} .
+    --exclude='*.egg-info' ${EXCLUDES[@]+"${EXCLUDES[@]}"} --null -T "$tmp/files"
   info "copying it to worker(s) $WORKER of $TPU_NAME"
   tpu_scp_to "$TARBALL" "$tmp/$TARBALL"
+  # MANIFEST lists the files the last setup.sh unpacked; the ones this tarball no longer has are
+  # deleted, and nothing else is (outputs written on the workers survive).
+  MANIFEST=.qwenvl_jax_setup_files
   FETCH="mkdir -p $DIR
-find $DIR -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +
+tar -tzf \"\$HOME\"/$TARBALL | sed -e 's|^\./||' -e '/\/\$/d' -e '/^\.\$/d' | sort -u >\"\$HOME\"/$MANIFEST.new
+if [ -f $DIR/$MANIFEST ]; then
+  sort -u $DIR/$MANIFEST | comm -23 - \"\$HOME\"/$MANIFEST.new | while IFS= read -r f; do rm -f -- $DIR/\"\$f\"; done
+fi
 tar -xzf \"\$HOME\"/$TARBALL -C $DIR --warning=no-unknown-keyword
+mv \"\$HOME\"/$MANIFEST.new $DIR/$MANIFEST
 rm -f \"\$HOME\"/$TARBALL"
 else
   FETCH="if [ ! -d $DIR/.git ]; then git clone $(shell_quote "$REPO_URL") $DIR; fi
