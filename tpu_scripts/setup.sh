@@ -114,7 +114,7 @@ if [[ $SOURCE == local ]]; then
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
   for path in ${INCLUDES[@]+"${INCLUDES[@]}"}; do
-    [[ $path != /* && $path != *..* ]] || die "bad --include '$path': give a path inside $REPO_ROOT"
+    [[ $path != /* && /$path/ != */../* ]] || die "bad --include '$path': give a path inside $REPO_ROOT"
     [[ -e $REPO_ROOT/$path ]] || die "--include '$path': no such file or directory in $REPO_ROOT"
   done
   # The NUL-separated list of what to pack: what git would commit (tracked files still present,
