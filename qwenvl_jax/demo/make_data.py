@@ -139,10 +139,17 @@ def _count(rng, shapes):
     return f"How many {what} are there?", str(n)
 
 
-def _attribute(rng, shapes):
-    """Asks only what the picture answers uniquely; None when no colour or shape kind occurs once."""
+ATTRIBUTES = {"both": ("color", "shape"), "color": ("color",), "kind": ("shape",)}  # what is asked
+
+
+def _attribute(rng, shapes, attributes: str = "both"):
+    """Asks only what the picture answers uniquely; None when no colour or shape kind occurs once.
+    attributes: "both", or only "color" ("What color is the <kind>?") or "kind" ("What shape is
+    the <colour> object?") questions."""
     options = []
     for key, other in (("shape", "color"), ("color", "shape")):
+        if other not in ATTRIBUTES[attributes]:
+            continue
         for s in shapes:
             if sum(t[key] == s[key] for t in shapes) == 1:
                 q = (f"What color is the {s['shape']}?" if key == "shape"
@@ -167,10 +174,10 @@ def _detect(shapes, original_hw, resized_hw):
     return "Locate every shape.", answer, sorted(boxes, key=left_to_right)
 
 
-def _question(rng, task: str, shapes, original_hw, resized_hw) -> tuple[str, str, dict]:
+def _question(rng, task: str, shapes, original_hw, resized_hw, attributes: str = "both") -> tuple[str, str, dict]:
     """One (question, answer, meta); an attribute question without a unique answer becomes a count."""
     meta = {"task": task}
-    qa = _attribute(rng, shapes) if task == "attribute" else None
+    qa = _attribute(rng, shapes, attributes) if task == "attribute" else None
     if task == "detect":
         q, a, meta["boxes_resized"] = _detect(shapes, original_hw, resized_hw)
     elif task == "ground":
@@ -184,7 +191,7 @@ def _question(rng, task: str, shapes, original_hw, resized_hw) -> tuple[str, str
     return q, a, meta
 
 
-def make_record(rng, tasks: list[str], shapes, image: str, original_hw, resized_hw) -> dict:
+def make_record(rng, tasks: list[str], shapes, image: str, original_hw, resized_hw, attributes: str = "both") -> dict:
     """One LLaVA-form record with a turn per task (distinct questions; repeats are redrawn a few times).
 
     "meta" describes the first turn (what `qwenvl_jax.eval` scores) plus the picture; with more than
@@ -194,7 +201,7 @@ def make_record(rng, tasks: list[str], shapes, image: str, original_hw, resized_
     turns, seen = [], set()
     for task in tasks:
         for _ in range(8):
-            q, a, meta = _question(rng, task, shapes, original_hw, resized_hw)
+            q, a, meta = _question(rng, task, shapes, original_hw, resized_hw, attributes)
             if q not in seen:
                 break
         if q in seen:
@@ -215,7 +222,8 @@ def make_record(rng, tasks: list[str], shapes, image: str, original_hw, resized_
 
 def make_dataset(out_dir, n: int, seed: int = 0, name: str = "train.jsonl", mix=DEFAULT_MIX,
                  min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, per_image: int = 1,
-                 turns: int = 1, shapes: tuple[int, int] = SHAPE_COUNT, repeat: float = 0.0) -> Path:
+                 turns: int = 1, shapes: tuple[int, int] = SHAPE_COUNT, repeat: float = 0.0,
+                 attributes: str = "both") -> Path:
     """Writes out_dir/name and out_dir/images/<stem>_NNNNN.png (stem keeps train and eval sets apart).
 
     One numpy Generator drives everything in a fixed order, so a seed fixes every byte.
@@ -223,6 +231,7 @@ def make_dataset(out_dir, n: int, seed: int = 0, name: str = "train.jsonl", mix=
     that many distinct questions about a picture within one record (a multi-turn conversation).
     shapes = (min, max) shapes per picture, within 1..5 (one shape per picture: a localization warm-up).
     repeat = probability that a shape copies an earlier one's colour and kind (see `draw_scene`).
+    attributes = which attribute questions are asked: "both", "color" or "kind" (see `_attribute`).
     """
     if n < 1 or per_image < 1 or turns < 1:
         raise ValueError(f"--n, --per-image and --turns must be >= 1, got {n}, {per_image} and {turns}")
@@ -230,6 +239,8 @@ def make_dataset(out_dir, n: int, seed: int = 0, name: str = "train.jsonl", mix=
     if not SHAPE_COUNT[0] <= lo <= hi <= SHAPE_COUNT[1]:
         raise ValueError(f"--shapes must be MIN,MAX with {SHAPE_COUNT[0]} <= MIN <= MAX <= {SHAPE_COUNT[1]}, "
                          f"got {lo},{hi}")
+    if attributes not in ATTRIBUTES:
+        raise ValueError(f"--attributes must be one of {', '.join(ATTRIBUTES)}, got {attributes!r}")
     if not 0.0 <= repeat <= 1.0:
         raise ValueError(f"--repeat must be a probability in [0, 1], got {repeat}")
     p = np.asarray(mix, float)
@@ -247,7 +258,7 @@ def make_dataset(out_dir, n: int, seed: int = 0, name: str = "train.jsonl", mix=
             original = (img.height, img.width)
             resized = smart_resize(*original, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
         tasks = [TASKS[int(k)] for k in rng.choice(len(p), size=turns, p=p / p.sum())]
-        record = {"id": f"{stem}-{i}", **make_record(rng, tasks, drawn, rel, original, resized)}
+        record = {"id": f"{stem}-{i}", **make_record(rng, tasks, drawn, rel, original, resized, attributes)}
         lines.append(json.dumps(record, separators=(",", ":")) + "\n")
     path = out / name
     tmp = path.with_name(path.name + ".tmp")
@@ -320,6 +331,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="%d,%d" % SHAPE_COUNT, help="shapes per picture MIN,MAX (1..5)")
     ap.add_argument("--repeat", type=float, default=0.0,
                     help="probability a shape repeats an earlier one's colour and kind (more 2-5 counts)")
+    ap.add_argument("--attributes", default="both",
+                    help="attribute questions asked: both, color ('What color is the square?') or kind "
+                         "('What shape is the red object?')")
     ap.add_argument("--no-tokenizer", action="store_true", help="skip the tokenizer/preprocessor files")
     args = ap.parse_args(argv)
     try:
@@ -329,7 +343,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--shapes must be MIN,MAX (two integers), got {args.shapes!r}")
         t = time.perf_counter()
         path = make_dataset(args.out, args.n, args.seed, args.name, mix, args.min_pixels, args.max_pixels,
-                            args.per_image, args.turns, tuple(int(v) for v in shapes), args.repeat)
+                            args.per_image, args.turns, tuple(int(v) for v in shapes), args.repeat,
+                            args.attributes)
         if not args.no_tokenizer:
             ids = write_demo_tokenizer(args.out)
             tiny_tokenizer.write_preprocessor_config(args.out, args.min_pixels, args.max_pixels)

@@ -296,3 +296,24 @@ def test_detect_names_every_shape(tmp_path, capsys):
     assert three.read_bytes() == four.read_bytes()
     assert main(["--out", str(tmp_path / "bad"), "--n", "2", "--mix", "1,1,1,1,1"]) == 1
     assert "mix must be 3 or 4" in capsys.readouterr().err
+
+
+def test_attributes_selects_the_question(tmp_path, capsys):
+    """--attributes kind asks only "What shape is the <colour> object?", --attributes color only
+    "What color is the <kind>?"; the answers still match the pixels."""
+    for attributes, prefix in (("kind", "What shape is the "), ("color", "What color is the ")):
+        root = tmp_path / attributes
+        records = _records(make_dataset(root, 40, seed=10, turns=3, shapes=(1, 3), mix=(0, 1, 0),
+                                        attributes=attributes))
+        asked = 0
+        for rec in records[:20]:
+            found = _detect(root / rec["image"])
+            questions = [c["value"].removeprefix("<image>") for c in rec["conversations"][::2]]
+            for question, meta in zip(questions, rec["meta"].get("turns", [rec["meta"]])):
+                _check_answer(question, meta, found)
+                if meta["task"] == "attribute":
+                    assert question.startswith(prefix), question
+                    asked += 1
+        assert asked >= 20
+    assert main(["--out", str(tmp_path / "bad"), "--n", "2", "--attributes", "size"]) == 1
+    assert "--attributes" in capsys.readouterr().err
