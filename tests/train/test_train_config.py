@@ -7,7 +7,9 @@ import pytest
 from qwenvl_jax.config import ConfigError
 from qwenvl_jax.train.config import STAGES, load_train_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs/train").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[2]
+# Every training recipe: configs/train/ and the demo model's stages (configs/demo*.yaml).
+CONFIGS = sorted((ROOT / "configs/train").glob("*.yaml")) + sorted(ROOT.glob("configs/demo*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
