@@ -113,10 +113,6 @@ TARBALL=qwenvl_jax_src.tar.gz # lands in the home directory of each worker
 if [[ $SOURCE == local ]]; then
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
-  for path in ${INCLUDES[@]+"${INCLUDES[@]}"}; do
-    [[ $path != /* && /$path/ != */../* ]] || die "bad --include '$path': give a path inside $REPO_ROOT"
-    [[ -e $REPO_ROOT/$path ]] || die "--include '$path': no such file or directory in $REPO_ROOT"
-  done
   # The NUL-separated list of what to pack: what git would commit (tracked files still present,
   # untracked ones not ignored) plus --include; generated data and runs stay here.
   if git -C "$REPO_ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
@@ -126,7 +122,11 @@ if [[ $SOURCE == local ]]; then
   else
     printf '.\0' >"$tmp/files"
   fi
-  for path in ${INCLUDES[@]+"${INCLUDES[@]}"}; do printf '%s\0' "$path" >>"$tmp/files"; done
+  for path in ${INCLUDES[@]+"${INCLUDES[@]}"}; do
+    [[ $path != /* && /$path/ != */../* ]] || die "bad --include '$path': give a path inside $REPO_ROOT"
+    [[ -e $REPO_ROOT/$path ]] || die "--include '$path': no such file or directory in $REPO_ROOT"
+    printf '%s\0' "$path" >>"$tmp/files"
+  done
   info "packing $REPO_ROOT"
   # COPYFILE_DISABLE keeps macOS tar from adding ._* files.
   run env COPYFILE_DISABLE=1 tar -czf "$tmp/$TARBALL" -C "$REPO_ROOT" \
