@@ -254,7 +254,9 @@ class Qwen25VLConfig:
                 "window_size": v.window_size,
                 "out_hidden_size": v.out_hidden_size,
                 "fullatt_block_indexes": list(v.fullatt_block_indexes),
-                "tokens_per_second": v.tokens_per_second,
+                # transformers types this field int and rejects 2.0; a preset or YAML gives a float.
+                "tokens_per_second": int(v.tokens_per_second) if float(v.tokens_per_second).is_integer()
+                else v.tokens_per_second,
             },
         }
         return out

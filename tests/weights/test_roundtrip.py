@@ -105,3 +105,26 @@ def test_corrupt_file(broken):
 def test_missing_directory(tmp_path):
     with pytest.raises(ValueError, match="config.json"):
         load_pretrained(tmp_path / "nope")
+
+
+def test_export_of_a_preset_built_model_loads_in_transformers(tmp_path):
+    """A model made from a preset (YAML floats, e.g. tokens_per_second 2.0), not from an HF
+    config.json, must still export a config transformers accepts, with the same logits."""
+    import dataclasses
+
+    from qwenvl_jax.config import Qwen25VLConfig
+    from qwenvl_jax.pretrained import init_model
+
+    preset = Qwen25VLConfig.from_preset("demo")  # special ids inside its 1536-token vocab, as the train CLI sets them
+    config = dataclasses.replace(preset, image_token_id=1500, video_token_id=1501, vision_start_token_id=1502,
+                                 vision_end_token_id=1503)
+    assert isinstance(config.vision.tokens_per_second, float)
+    ours = init_model(config, seed=0)
+    out = ours.save_pretrained(tmp_path / "export")
+    reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()
+    c = ours.config
+    b = _batch()
+    b["input_ids"] = np.array([[3, 4, c.vision_start_token_id] + [c.image_token_id] * 24
+                               + [c.vision_end_token_id, 5, 6, 7]])
+    mm = (b["input_ids"] == c.image_token_id).astype(np.int64)
+    assert rel_err(hf_logits(reloaded, **b, mm_token_type_ids=mm), np.asarray(ours(**b))) <= 1e-4
