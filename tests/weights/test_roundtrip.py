@@ -1,6 +1,7 @@
 """HF safetensors in and out: transformers loads our export and gives the same logits."""
 
 import copy
+import dataclasses
 import json
 import shutil
 
@@ -12,7 +13,8 @@ from hf_reference import hf_logits, rel_err
 from safetensors.numpy import load_file, save_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from qwenvl_jax.pretrained import load_pretrained
+from qwenvl_jax.config import Qwen25VLConfig
+from qwenvl_jax.pretrained import init_model, load_pretrained
 from qwenvl_jax.weights.hf_keys import canonical_name
 from qwenvl_jax.weights.load import CheckpointError
 
@@ -110,21 +112,15 @@ def test_missing_directory(tmp_path):
 def test_export_of_a_preset_built_model_loads_in_transformers(tmp_path):
     """A model made from a preset (YAML floats, e.g. tokens_per_second 2.0), not from an HF
     config.json, must still export a config transformers accepts, with the same logits."""
-    import dataclasses
-
-    from qwenvl_jax.config import Qwen25VLConfig
-    from qwenvl_jax.pretrained import init_model
-
-    preset = Qwen25VLConfig.from_preset("demo")  # special ids inside its 1536-token vocab, as the train CLI sets them
-    config = dataclasses.replace(preset, image_token_id=1500, video_token_id=1501, vision_start_token_id=1502,
-                                 vision_end_token_id=1503)
+    # special ids inside the demo preset's 1536-token vocab, as the train CLI sets them
+    config = dataclasses.replace(Qwen25VLConfig.from_preset("demo"), image_token_id=1500, video_token_id=1501,
+                                 vision_start_token_id=1502, vision_end_token_id=1503)
     assert isinstance(config.vision.tokens_per_second, float)
     ours = init_model(config, seed=0)
     out = ours.save_pretrained(tmp_path / "export")
     reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()
-    c = ours.config
     b = _batch()
-    b["input_ids"] = np.array([[3, 4, c.vision_start_token_id] + [c.image_token_id] * 24
-                               + [c.vision_end_token_id, 5, 6, 7]])
-    mm = (b["input_ids"] == c.image_token_id).astype(np.int64)
+    b["input_ids"] = np.array([[3, 4, config.vision_start_token_id] + [config.image_token_id] * 24
+                               + [config.vision_end_token_id, 5, 6, 7]])
+    mm = (b["input_ids"] == config.image_token_id).astype(np.int64)
     assert rel_err(hf_logits(reloaded, **b, mm_token_type_ids=mm), np.asarray(ours(**b))) <= 1e-4
