@@ -5,7 +5,7 @@
 
 Real data path: the generated synthetic dataset through the packing pipeline, the same train
 step (AdamW, f32 master params) as `python -m qwenvl_jax.train`. FLOPs per step count the real
-(non-padding) tokens and patches with `train_flops_per_token` / `vision_flops_per_patch`. MFU
+(non-padding) tokens and patches with `flops.train_flops_per_token` / `vision_flops_per_patch`. MFU
 needs a peak: the TPU table in `qwenvl_jax.train.loop`, or `--peak-tflops` (per device); on CPU
 without it, only the achieved GFLOP/s is printed. Ends with one JSON line of all numbers.
 """
@@ -25,13 +25,13 @@ from flax import nnx
 
 from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.data.pipeline import DataConfig, SampleEncoder, make_dataset, open_source
+from qwenvl_jax.flops import PEAK_BF16_TFLOPS, train_flops_per_token, vision_flops_per_patch
 from qwenvl_jax.model.qwen25vl import Qwen25VL
 from qwenvl_jax.pretrained import resolve_dtype
 from qwenvl_jax.processing.processor import Processor
 from qwenvl_jax.sharding import Layout, param_shardings
 from qwenvl_jax.train import step as steplib
 from qwenvl_jax.train.config import OptimSpec
-from qwenvl_jax.train.loop import PEAK_BF16_TFLOPS, train_flops_per_token, vision_flops_per_patch
 from qwenvl_jax.train.synthetic import write_synthetic_dataset
 from qwenvl_jax.weights.load import abstract_model
 

@@ -3,6 +3,7 @@
     python -m qwenvl_jax.plan --model 72b --mesh fsdp=64,tensor=4 --seq-len 32768 --batch 64 --tpu v5p
     python -m qwenvl_jax.plan --model 7b --mesh fsdp=2,tensor=4 --seq-len 8192 --tpu v5e --mode infer
     python -m qwenvl_jax.plan --model 7b --mesh fsdp=-1,tensor=4 --tpu v5p-64 --batch 8 --json  # 32 chips
+    python -m qwenvl_jax.plan --model 7b --mesh fsdp=2,tensor=4 --tpu v5p-16 --batch 4 --compile  # + XLA's numbers
 
 Prints bytes per chip for params, optimizer state, gradients and activations (train), or params,
 KV cache and activations (infer), and whether the total fits the TPU's HBM per chip.
@@ -22,17 +23,28 @@ assumptions (`ASSUMPTIONS`, also printed):
          gradients, plus that layer's weights and weight-gradients all-gathered over fsdp. Attention
          is a flash/splash kernel (no [L, L] scores; --attention dense adds them). The loss
          materialises f32 logits [B_local, L, vocab/tensor] and their gradient (--loss-chunk T:
-         T tokens at a time). Peak = saved inputs + the largest phase (decoder layer / logits /
-         vision block): the phases run one after another.
+         T tokens at a time, default 2048 as train.loss_chunk). XLA converts every layer's f32
+         master weights to the compute dtype at once: one compute-dtype copy of the params. Peak =
+         saved inputs + that copy + the largest phase (decoder layer / logits / vision block): the
+         phases run one after another.
   infer  params and KV cache in --dtype; the KV cache has --seq-len slots (prompt + generated);
          the peak is the prefill of --seq-len tokens through one layer at a time (forward only),
          plus f32 logits of the last position.
   vision --image-tokens of each sample's --seq-len are image tokens (default 25%), each from
-         spatial_merge_size**2 = 4 patches. Inference replicates the vision inputs of the whole batch
-         on every chip (pretrained.put_vision); training assumes the train step shards them over
-         the batch axes like the text.
+         spatial_merge_size**2 = 4 patches; the ViT runs on 1.5 x as many slots (each window
+         padded to 64 patches, the data pipeline's default slot budget). Inference replicates the
+         vision inputs of the whole batch on every chip (pretrained.put_vision); training assumes
+         the train step shards them over the batch axes like the text.
 XLA temporaries, fragmentation, collectives' buffers and the runtime's reserve are not modelled:
 leave headroom (the fit line flags totals above 90% of HBM).
+
+--compile (needs the `tpu` extra, no TPU) also compiles the real program for the slice: the train
+step of `python -m qwenvl_jax.train` (stage "all", full remat, the same loss chunk), or generate's
+prefill (prompts of seq-len - 128 tokens) and decode loop, and prints XLA's per-chip memory per
+program (arguments, outputs, temporaries, aliased, peak), its Mosaic kernel calls and compile time,
+the analytic FLOPs of one step and a lower bound on its HBM traffic (the state read and written
+once; for decode, the weights and the cache read once), and from the chip's peak FLOP/s and HBM
+bandwidth the step-time lower bound and the MFU ceiling it implies.
 Bad input: one `error: ...` line on stderr and exit code 1.
 """
 
@@ -42,6 +54,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 
 import jax
@@ -63,6 +76,7 @@ TPU_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "trillium": "v6e"}
 CORES_PER_CHIP = {"v4": 2, "v5e": 1, "v5p": 2, "v6e": 1}
 DTYPES = {"bfloat16": 2, "float16": 2, "float32": 4}
 TIGHT = 0.9  # above this fraction of HBM the fit line warns: unmodelled temporaries may not fit
+INFER_NEW_TOKENS = 128  # --compile --mode infer: prompts of seq-len - 128 tokens, 128 generated
 
 HIDDEN = ("batch", "length", "act_embed")  # decoder.HIDDEN: residual stream, replicated over tensor
 ASSUMPTIONS = {
@@ -73,8 +87,12 @@ ASSUMPTIONS = {
         "gradients + its weights and weight-gradients all-gathered over fsdp",
         "attention: flash/splash kernel, no [L, L] scores (unless --attention dense)",
         "loss: f32 logits [B_local, L or --loss-chunk, vocab/tensor] and their gradient",
-        "vision: image patches sharded over the batch axes like the text (train step's job)",
-        "peak = saved layer inputs + the largest of the phases (decoder layer / logits / vision)",
+        "vision: image patches sharded over the batch axes like the text (train step's job); the ViT "
+        "runs on slots, 1.5 x the patches (windows padded to 64), as the data pipeline budgets them",
+        "a compute-dtype copy of every weight: XLA converts the stacked f32 master weights once, "
+        "outside the layer loop (seen in the compiled buffer assignment)",
+        "peak = saved layer inputs + compute-dtype weights + the largest of the phases "
+        "(decoder layer / logits / vision)",
         "not modelled: XLA temporaries, fragmentation, collective buffers, runtime reserve",
     ],
     "infer": [
@@ -179,8 +197,9 @@ class Request:
     dtype: str = "bfloat16"
     devices: int | None = None
     image_tokens: int | None = None  # default: seq_len // 4
-    loss_chunk: int = 0  # 0: the whole sequence's logits at once
+    loss_chunk: int = 2048  # train.loss_chunk's default; 0: the whole sequence's logits at once
     attention: str = "flash"
+    compile: bool = False  # also compile the real program for the slice (deviceless) and report XLA's numbers
 
 
 def parse_tpu(text: str) -> tuple[str, int | None]:
@@ -273,14 +292,72 @@ def plan(req: Request) -> dict:
         "bytes_per_chip": components, "activation_breakdown": acts, "total_bytes_per_chip": total,
         "hbm_bytes_per_chip": hbm, "fraction_of_hbm": total / hbm, "fits": total <= hbm,
         "estimate": True, "assumptions": ASSUMPTIONS[req.mode],
+        **({"compiled": compiled_report(req, config, sizes, tpu, image_tokens, total)} if req.compile else {}),
     }
 
 
+# --------------------------------------------------------------------------------- deviceless compile
+def compiled_report(req: Request, config: Qwen25VLConfig, sizes: dict[str, int], tpu: str, image_tokens: int,
+                    estimate: int) -> dict:
+    """Compiles the real program(s) for the slice without a TPU (qwenvl_jax.aot) and reports XLA's
+    per-chip memory, the Mosaic kernel calls, analytic FLOPs and the step-time lower bound."""
+    from qwenvl_jax import aot
+    from qwenvl_jax.flops import CHIP_PEAKS, text_forward_flops_per_token, train_flops_per_token, vision_flops_per_patch
+    from qwenvl_jax.pretrained import resolve_dtype
+
+    chips = math.prod(sizes.values())
+    try:
+        devices = aot.tpu_devices(f"{tpu}-{chips * CORES_PER_CHIP[tpu]}")
+    except aot.TopologyError as e:
+        raise PlanError(f"--compile: {e}") from None
+    impl = "pallas" if req.attention == "flash" else "xla"
+    config = dataclasses.replace(config, attention_impl=impl)
+    layout = Layout.create(MeshConfig(**sizes), devices=devices).for_model(config)
+    dtype = resolve_dtype(req.dtype)
+    patches = image_tokens * config.vision.merge_unit
+    if req.mode == "train":
+        from qwenvl_jax.data.pipeline import DataConfig
+
+        data = DataConfig(seq_len=req.seq_len, patch_budget=max(patches, config.vision.merge_unit))
+        programs = [aot.compile_train_step(config, layout, data, rows=req.batch, stage="all", dtype=dtype,
+                                           loss_chunk=req.loss_chunk)]
+        flops = req.batch * (req.seq_len * train_flops_per_token(config, req.seq_len)
+                             + patches * vision_flops_per_patch(config))
+        step = programs[0].summary()
+        moved = step["argument_bytes"] + step["output_bytes"]  # the state is read and written once
+    else:
+        new = min(INFER_NEW_TOKENS, req.seq_len // 2)
+        programs = list(aot.compile_generation(config, layout, batch=req.batch, prompt_len=req.seq_len - new,
+                                               max_new_tokens=new, image_tokens=image_tokens, dtype=dtype))
+        # One decode step: each row's new token through the LLM against a full cache (the bound that
+        # matters for serving: decode reads every weight and the whole cache per step).
+        flops = req.batch * text_forward_flops_per_token(config, req.seq_len)
+        step = programs[1].summary()
+        moved = step["argument_bytes"]
+    summaries = [p.summary() for p in programs]
+    peak_flops, hbm_gbps = CHIP_PEAKS[tpu]
+    compute_s = flops / chips / (peak_flops * 1e12)
+    memory_s = moved / (hbm_gbps * 1e9)
+    peak = max(x["peak_bytes"] for x in summaries)
+    return {"programs": summaries, "peak_bytes": peak, "estimate_bytes": estimate,
+            "estimate_vs_compiled": estimate / peak if peak else None,
+            "flops_per_chip": flops / chips, "bytes_per_chip_lower_bound": moved,
+            "step": "train step" if req.mode == "train" else "decode step",
+            "step_time_lower_bound_s": max(compute_s, memory_s), "compute_bound_s": compute_s,
+            "memory_bound_s": memory_s, "mfu_ceiling": compute_s / max(compute_s, memory_s),
+            "fits": peak <= HBM_GIB[tpu] * GIB}
+
+
 def _dims(config, req, image_tokens, layout, vision_global: bool):
+    """(text config, vision config, local batch, ViT rows per chip). The ViT runs on slots: each
+    window padded to its 64 patches, budgeted at 1.5 x the patches as the data pipeline does."""
+    from qwenvl_jax.data.pipeline import DataConfig
+
     t, v = config.text, config.vision
     b_local = local_shape(layout, ("batch",), (req.batch,))[0]
     patches = (req.batch if vision_global else b_local) * image_tokens * v.merge_unit
-    return t, v, b_local, patches
+    slots = DataConfig(seq_len=1, patch_budget=patches).budgets(v.window_patches)[1] if patches else 0
+    return t, v, b_local, patches, slots
 
 
 def _text_layer(layout, config, b, length, a: int, attention: str) -> int:
@@ -303,7 +380,7 @@ def _text_layer(layout, config, b, length, a: int, attention: str) -> int:
 
 
 def _vision_block(layout, config, patches: int, a: int) -> int:
-    """Forward intermediates of one vision block over `patches` rows, per chip."""
+    """Forward intermediates of one vision block over `patches` rows (slots), per chip."""
     v = config.vision
     hidden = 4 * local_bytes(layout, ("length", None), (patches, v.hidden_size), a)
     qkv = local_bytes(layout, ("length", "vision_qkv"), (patches, 3 * v.hidden_size), a)  # fused, whole
@@ -318,34 +395,37 @@ def _head_param(config) -> str:
 
 
 def _train_activations(config, layout, params, req, image_tokens, a) -> dict:
-    t, v, b, patches = _dims(config, req, image_tokens, layout, vision_global=False)
+    t, v, b, patches, slots = _dims(config, req, image_tokens, layout, vision_global=False)
     is_text_layer = lambda p: p.startswith("language_model.layers.")  # noqa: E731
     is_vision_block = lambda p: p.startswith("visual.blocks.")  # noqa: E731
     head = _head_param(config)
     saved_text = t.num_hidden_layers * local_bytes(layout, HIDDEN, (b, req.seq_len, t.hidden_size), a)
-    saved_vision = (v.depth * patches * v.hidden_size * a  # block inputs (replicated over tensor)
-                    + patches * v.patch_dim * 4)  # f32 pixel rows
+    saved_vision = (v.depth * slots * v.hidden_size * a  # block inputs (replicated over tensor)
+                    + patches * v.patch_dim * 4)  # f32 pixel rows (normalized from uint8 on device)
+    # XLA converts every layer's f32 master weights to the compute dtype at once, outside the
+    # layer loop (seen in the compiled buffer assignment): one compute-dtype copy of the params.
+    compute_copy = sum(param_bytes(params, layout, a).values()) if a < 4 else 0
     # Each phase: 2x forward intermediates (+ their gradients), 2x gathered weights (+ weight grads).
     layer = (2 * _text_layer(layout, config, b, req.seq_len, a, req.attention)
              + 2 * gathered_weight_bytes(params, layout, a, is_text_layer))
     chunk = min(req.loss_chunk or req.seq_len, req.seq_len)
     logits = (2 * local_bytes(layout, ("batch", "length", "vocab"), (b, chunk, t.vocab_size), 4)
               + 2 * gathered_weight_bytes(params, layout, a, lambda p: p == head))
-    vision = (2 * _vision_block(layout, config, patches, a)
-              + 2 * gathered_weight_bytes(params, layout, a, is_vision_block)) if patches else 0
+    vision = (2 * _vision_block(layout, config, slots, a)
+              + 2 * gathered_weight_bytes(params, layout, a, is_vision_block)) if slots else 0
     phases = {"decoder_layer": layer, "logits": logits, "vision_block": vision}
     peak = max(phases, key=phases.get)
     return {"saved_layer_inputs": saved_text, "saved_vision_block_inputs": saved_vision,
-            **{f"phase_{k}": n for k, n in phases.items()}, "peak_phase": peak,
-            "total": saved_text + saved_vision + phases[peak]}
+            "compute_dtype_params": compute_copy, **{f"phase_{k}": n for k, n in phases.items()},
+            "peak_phase": peak, "total": saved_text + saved_vision + compute_copy + phases[peak]}
 
 
 def _infer_activations(config, layout, params, req, image_tokens, a) -> dict:
-    t, v, b, patches = _dims(config, req, image_tokens, layout, vision_global=True)
+    t, v, b, patches, slots = _dims(config, req, image_tokens, layout, vision_global=True)
     hidden = 2 * local_bytes(layout, HIDDEN, (b, req.seq_len, t.hidden_size), a)  # scan carry in/out
     layer = (_text_layer(layout, config, b, req.seq_len, a, req.attention)
              + gathered_weight_bytes(params, layout, a, lambda p: p.startswith("language_model.layers.")))
-    vision = (_vision_block(layout, config, patches, a) + patches * v.patch_dim * 4
+    vision = (_vision_block(layout, config, slots, a) + patches * v.patch_dim * 4
               + gathered_weight_bytes(params, layout, a, lambda p: p.startswith("visual.blocks."))
               ) if patches else 0
     logits = local_bytes(layout, ("batch", "vocab"), (b, t.vocab_size), 4)
@@ -386,7 +466,29 @@ def format_table(r: dict) -> str:
     lines += [f"{label:<{width}}  {n / GIB:8.2f}" for label, n in rows]
     lines.append(fit_line(r))
     lines += ["assumptions:"] + [f"  - {s}" for s in r["assumptions"]]
+    if "compiled" in r:
+        lines += compiled_lines(r)
     return "\n".join(lines)
+
+
+def compiled_lines(r: dict) -> list[str]:
+    c = r["compiled"]
+    cols = ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "peak_bytes")
+    width = max(len(p["name"]) for p in c["programs"])
+    lines = [f"compiled for TPU {r['tpu']} x {r['chips']} chips (XLA:TPU, no TPU used), GiB per chip:",
+             f"  {'program':<{width}}  arguments  outputs  temporaries  aliased    peak  Mosaic kernels  compile s"]
+    for p in c["programs"]:
+        nums = "".join(f"{p[k] / GIB:>{w}.2f}" for k, w in zip(cols, (11, 9, 13, 9, 8)))
+        lines.append(f"  {p['name']:<{width}}{nums}  {p['mosaic_kernels']:>14}  {p['compile_s']:>9.1f}")
+    ratio = c["estimate_vs_compiled"]
+    lines.append(f"  estimate {c['estimate_bytes'] / GIB:.2f} GiB vs compiled peak {c['peak_bytes'] / GIB:.2f} GiB"
+                 + (f" ({100 * (ratio - 1):+.0f}%)" if ratio else "")
+                 + f"; fits: {'yes' if c['fits'] else 'no'}")
+    lines.append(f"  {c['step']}: {c['flops_per_chip'] / 1e12:.3g} TFLOP/chip (analytic), >= "
+                 f"{c['bytes_per_chip_lower_bound'] / GIB:.2f} GiB HBM traffic/chip -> >= "
+                 f"{1e3 * c['step_time_lower_bound_s']:.3g} ms (compute {1e3 * c['compute_bound_s']:.3g} ms, "
+                 f"memory {1e3 * c['memory_bound_s']:.3g} ms): MFU ceiling {100 * c['mfu_ceiling']:.0f}%")
+    return lines
 
 
 def fit_line(r: dict) -> str:
@@ -417,8 +519,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mode", default="train", help="train or infer")
     ap.add_argument("--dtype", default="bfloat16", help="compute / activation dtype (infer: also params)")
     ap.add_argument("--image-tokens", type=int, help="image tokens per sample (default: seq-len / 4)")
-    ap.add_argument("--loss-chunk", type=int, default=0, help="train: logits computed T tokens at a time")
+    ap.add_argument("--loss-chunk", type=int, default=2048,
+                    help="train: logits computed T tokens at a time (train.loss_chunk; 0 = all at once)")
     ap.add_argument("--attention", default="flash", help="flash (default) or dense ([L, L] scores)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also compile the real train step (or prefill + decode) for the slice with XLA:TPU, "
+                         "no TPU needed (the 'tpu' extra), and print XLA's per-chip memory beside the estimate")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return ap.parse_args(argv)
 
@@ -426,10 +532,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
+        if args.compile and "JAX_PLATFORMS" not in os.environ:
+            # A deviceless compile needs no accelerator: never take this machine's (a TPU VM's
+            # chips may be busy training).
+            jax.config.update("jax_platforms", "cpu")
         result = plan(Request(model=args.model, mesh=args.mesh, seq_len=args.seq_len, batch=args.batch,
                               tpu=args.tpu, mode=args.mode, dtype=args.dtype, devices=args.devices,
                               image_tokens=args.image_tokens, loss_chunk=args.loss_chunk,
-                              attention=args.attention))
+                              attention=args.attention, compile=args.compile))
     except ValueError as e:  # PlanError, ConfigError, MeshError: one line, no traceback
         return user_error(e)
     print(json.dumps(result) if args.json else format_table(result))

@@ -24,7 +24,7 @@ from qwenvl_jax.config import ATTENTION_IMPLS, ConfigError, Qwen25VLConfig
 from qwenvl_jax.model.qwen25vl import Qwen25VL
 from qwenvl_jax.model.vision_layout import VisionInputs
 from qwenvl_jax.sharding import Layout, MeshConfig, active, param_shardings
-from qwenvl_jax.weights.export import save_hf_checkpoint
+from qwenvl_jax.weights.export import GATHER_BYTES, save_hf_checkpoint
 from qwenvl_jax.weights.load import load_params
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
@@ -75,11 +75,13 @@ class PretrainedModel:
         in_shardings = (self.param_shardings, *(jax.tree.map(lambda x: x.sharding, a) for a in args))
         return _forward_fn(self.graphdef, lay, in_shardings, out)(self.params, *args)
 
-    def save_pretrained(self, out_dir: str | Path, dtype: str | None = None,
-                        max_shard_bytes: int = 5 * 2**30) -> Path:
-        """HF safetensors checkpoint that transformers loads; dtype defaults to the params' dtype."""
+    def save_pretrained(self, out_dir: str | Path, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30,
+                        gather_bytes: int = GATHER_BYTES) -> Path:
+        """HF safetensors checkpoint that transformers loads; dtype defaults to the params' dtype.
+        With several processes every one calls it (tensors are gathered in blocks of at most
+        `gather_bytes`); process 0 writes."""
         return save_hf_checkpoint(out_dir, self.params, self.config, dtype=dtype,
-                                  max_shard_bytes=max_shard_bytes)
+                                  max_shard_bytes=max_shard_bytes, gather_bytes=gather_bytes)
 
 
 BATCH = ("batch", "length")

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -171,6 +171,14 @@ class Layout:
     def size(self) -> int:
         return self.mesh.size
 
+    @property
+    def platform(self) -> str | None:
+        """Platform of the devices the mesh holds ('tpu' for a deviceless TPU topology too);
+        None for an AbstractMesh."""
+        if isinstance(self.mesh, AbstractMesh):
+            return None
+        return self.mesh.devices.flat[0].platform
+
     def _divisible_prefix(self, axes, dim: int) -> tuple[str, ...]:
         best = ()
         for i in range(1, len(axes) + 1):
@@ -242,6 +250,11 @@ def active(layout: Layout | None):
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def active_layout() -> Layout | None:
+    """The layout of the model function being traced, or None outside one."""
+    return _ACTIVE.get()
 
 
 def constrain(x, *names: str | None):

@@ -100,7 +100,7 @@ def test_kv_cache_bytes_and_kv_head_replication():
 
 
 def test_train_activations_follow_the_stated_model():
-    r = plan.plan(plan.Request(model="72b", mesh="fsdp=64,tensor=4", seq_len=32768, batch=64))
+    r = plan.plan(plan.Request(model="72b", mesh="fsdp=64,tensor=4", seq_len=32768, batch=64, loss_chunk=0))
     acts = r["activation_breakdown"]
     assert r["batch_per_shard"] == 1 and r["chips"] == 256
     assert acts["saved_layer_inputs"] == 80 * 32768 * 8192 * 2  # 40 GiB: [L, D] bf16 per layer
@@ -109,7 +109,7 @@ def test_train_activations_follow_the_stated_model():
                                      loss_chunk=4096))["activation_breakdown"]
     assert chunked["phase_logits"] < acts["phase_logits"]
     dense = plan.plan(plan.Request(model="72b", mesh="fsdp=64,tensor=4", seq_len=32768, batch=64,
-                                   attention="dense"))
+                                   attention="dense", loss_chunk=0))
     scores = 16 * 32768**2 * 4  # f32 [heads/tensor, L, L]
     assert dense["activation_breakdown"]["phase_decoder_layer"] > acts["phase_decoder_layer"] + scores
 
@@ -144,6 +144,7 @@ def test_cli_table_and_json(capsys):
     (["--model", "7b", "--mesh", "fsdp=2", "--tpu", "v9"], "--tpu"),
     (["--model", "7b", "--mesh", "fsdp=2", "--seq-len", "abc"], "--seq-len"),
     (["--mesh", "fsdp=2"], "--model"),
+    (["--model", "tiny", "--mesh", "fsdp=3", "--batch", "3", "--tpu", "v5p", "--compile"], "power-of-two"),
 ])
 def test_cli_errors_are_one_line(capsys, argv, needle):
     assert plan.main(argv) == 1
@@ -158,3 +159,26 @@ def test_module_entry_point_errors_without_traceback():
                            "--batch", "3"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip().startswith("error: ") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_compile_reports_xla_per_chip_memory(capsys, mode):
+    """--compile compiles the real program(s) for 4 v5p chips (no TPU) and reports XLA's numbers
+    beside the estimate; the exact parts of the estimate (state, weights, KV cache) are what the
+    compiled program takes as arguments (TPU tiling pads tiny arrays, so >=)."""
+    argv = ["--model", "tiny", "--mesh", "fsdp=2,tensor=2", "--tpu", "v5p-8", "--seq-len", "256", "--batch", "4",
+            "--mode", mode, "--compile", "--json"]
+    assert plan.main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    c, parts = r["compiled"], r["bytes_per_chip"]
+    names = [p["name"] for p in c["programs"]]
+    if mode == "train":
+        assert names == ["train_step[all]"] and c["programs"][0]["mosaic_kernels"] >= 6
+        assert c["programs"][0]["argument_bytes"] >= parts["params"] + parts["optimizer"]
+    else:
+        assert names == ["prefill", "decode"] and c["programs"][0]["mosaic_kernels"] >= 3
+        assert c["programs"][1]["argument_bytes"] >= parts["params"] + parts["kv_cache"]
+    assert c["peak_bytes"] == max(p["peak_bytes"] for p in c["programs"]) > 0
+    assert 0 < c["mfu_ceiling"] <= 1 and c["step_time_lower_bound_s"] > 0
+    table = plan.format_table(r)
+    assert "compiled for TPU v5p x 4 chips" in table and "MFU ceiling" in table

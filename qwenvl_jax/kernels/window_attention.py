@@ -91,8 +91,9 @@ def _lanes_to(x, width):
     return jnp.tile(x, (1, width // LANES))
 
 
-def _fwd_kernel(start_ref, count_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref,
-                m_sc, l_sc, acc_sc, *, scale, steps):
+def _fwd_kernel(start_ref, count_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, *refs, scale, steps, with_lse):
+    # The log-sum-exp is an output only when a backward pass will read it (it is stored [S, 128]).
+    lse_ref, (m_sc, l_sc, acc_sc) = (refs[0], refs[1:]) if with_lse else (None, refs)
     i, j = pl.program_id(1), pl.program_id(2)
 
     @pl.when(j == 0)
@@ -119,7 +120,8 @@ def _fwd_kernel(start_ref, count_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref
         denom = l_sc[...]
         safe = jnp.where(denom == 0.0, 1.0, denom)
         o_ref[0] = (acc_sc[...] / _lanes_to(safe, acc_sc.shape[1])).astype(o_ref.dtype)
-        lse_ref[0] = jnp.where(denom == 0.0, 0.0, m_sc[...] + jnp.log(safe))
+        if with_lse:
+            lse_ref[0] = jnp.where(denom == 0.0, 0.0, m_sc[...] + jnp.log(safe))
 
 
 def _dq_kernel(start_ref, count_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,
@@ -212,27 +214,30 @@ def _prepare(segment_ids):
     return (jax.lax.broadcast_in_dim(seg, (s, LANES), (0,)), jax.lax.broadcast_in_dim(seg, (SUBLANES, s), (1,)))
 
 
-def _forward(q, k, v, segment_ids, start, count, *, scale, block, steps, interpret):
+def _forward(q, k, v, segment_ids, start, count, *, scale, block, steps, interpret, with_lse=True):
+    """(out, lse [H, S] or None without with_lse)."""
     h, s, d = q.shape
     nb = s // block
     rows, cols = _prepare(segment_ids)
     sp = _specs(block, d)
-    kernel = functools.partial(_fwd_kernel, scale=scale, steps=steps)
-    o, lse = pl.pallas_call(
+    kernel = functools.partial(_fwd_kernel, scale=scale, steps=steps, with_lse=with_lse)
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    if with_lse:
+        out_shape.append(jax.ShapeDtypeStruct((h, s, LANES), jnp.float32))
+    outs = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(h, nb, steps),
             in_specs=[sp["own"], sp["other"], sp["other"], sp["own_rows"], sp["other_cols"]],
-            out_specs=[sp["own"], sp["own_stat"]],
+            out_specs=[sp["own"], sp["own_stat"]][:len(out_shape)],
             scratch_shapes=[pltpu.VMEM((block, LANES), jnp.float32), pltpu.VMEM((block, LANES), jnp.float32),
                             pltpu.VMEM((block, d), jnp.float32)]),
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((h, s, LANES), jnp.float32)],
-        compiler_params=_params(), interpret=interpret,
+        out_shape=out_shape, compiler_params=_params(), interpret=interpret,
         cost_estimate=pl.CostEstimate(flops=4 * h * nb * steps * block * block * d,
                                       transcendentals=h * nb * steps * block * block,
                                       bytes_accessed=q.dtype.itemsize * h * s * d * (2 + 2 * steps)),
     )(start, count, q, k, v, rows, cols)
-    return o, lse[..., 0]
+    return (outs[0], outs[1][..., 0]) if with_lse else (outs[0], None)
 
 
 def _backward(q, k, v, segment_ids, start, count, o, lse, do, *, scale, block, steps, interpret):
@@ -269,8 +274,9 @@ def _backward(q, k, v, segment_ids, start, count, o, lse, do, *, scale, block, s
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def _attention(q, k, v, segment_ids, start, count, scale, block, steps, interpret):
+    # Not differentiated (inference, a frozen tower): no log-sum-exp output.
     return _forward(q, k, v, segment_ids, start, count, scale=scale, block=block, steps=steps,
-                    interpret=interpret)[0]
+                    interpret=interpret, with_lse=False)[0]
 
 
 def _attention_fwd(q, k, v, segment_ids, start, count, scale, block, steps, interpret):

@@ -11,7 +11,7 @@ Two XLA implementations, chosen by shape:
   * windows: when segments are runs of whole aligned windows (the ViT's slot layout), each query
     window attends to the ceil(max_segment_len / window) windows from its segment's first one:
     O(N * max_segment_len) with no band overhang (the ViT's full-attention blocks).
-The Pallas TPU kernel (issue 5) plugs in behind the same signature.
+The Pallas TPU kernels (kernels/) replace these on TPU; kernels.sharded decides which runs.
 """
 
 from __future__ import annotations
@@ -23,18 +23,6 @@ import jax.numpy as jnp
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully-masked rows stay NaN-free
 _MAX_BLOCK = 256
-
-
-def resolve_impl(impl: str) -> str:
-    """'auto' -> the Pallas kernels on TPU, XLA elsewhere."""
-    if impl == "auto":
-        return "pallas" if jax.default_backend() == "tpu" else "xla"
-    return impl
-
-
-def interpret_kernels() -> bool:
-    """Pallas TPU kernels run in interpret mode on other backends."""
-    return jax.default_backend() != "tpu"
 
 
 def attend(q, k, v, *, q_segment_ids, kv_segment_ids, causal: bool, q_positions=None,

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from qwenvl_jax.config import TextConfig
-from qwenvl_jax.kernels.causal_attention import causal_attention
-from qwenvl_jax.model.attention import attend, interpret_kernels, resolve_impl
+from qwenvl_jax.kernels.sharded import resolve_impl, sharded_causal_attention
+from qwenvl_jax.model.attention import attend
 from qwenvl_jax.model.layers import MLP, Embed, Linear, RMSNorm, scan_layers, stack_layers
 from qwenvl_jax.model.rope import apply_rotary, mrope_cos_sin
 from qwenvl_jax.sharding import constrain
@@ -48,8 +48,10 @@ class Attention(nnx.Module):
         self.head_dim = hd
         self.attention_impl = attention_impl
 
-    def __call__(self, x, cos, sin, segment_ids, cache=None):
-        """x [B, L, D]. cache: None, or (k [B, S, K, hd], v, kv_segment_ids [B, S], index)."""
+    def __call__(self, x, cos, sin, segment_ids, cache=None, prefill: bool = False):
+        """x [B, L, D]. cache: None, or (k [B, S, K, hd], v, kv_segment_ids [B, S], index).
+        prefill: the cache holds nothing before these tokens (generation's first step), so they
+        attend only among themselves: the causal kernel's path, no [L, S] scores."""
         b, length, _ = x.shape
         q = self.q_proj(x).reshape(b, length, -1, self.head_dim)  # [B, L, H, hd]
         k = self.k_proj(x).reshape(b, length, -1, self.head_dim)  # [B, L, K, hd]
@@ -59,18 +61,23 @@ class Attention(nnx.Module):
         k = constrain(k, "batch", "length", "kv_heads", "head_dim")
         v = constrain(v, "batch", "length", "kv_heads", "head_dim")
         if cache is None:  # a whole (packed) sequence: the training / scoring path
-            if resolve_impl(self.attention_impl) == "pallas":
-                out = causal_attention(q, k, v, segment_ids, interpret=interpret_kernels())
-            else:
-                out = attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True)
-            return self.o_proj(out.reshape(b, length, -1)), None
+            return self.o_proj(self._causal(q, k, v, segment_ids).reshape(b, length, -1)), None
         ck, cv, kv_segment_ids, index = cache
         ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
         cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
-        q_slots = jnp.broadcast_to(index + jnp.arange(length, dtype=jnp.int32), (b, length))
-        out = attend(q, ck.astype(q.dtype), cv.astype(v.dtype), q_segment_ids=segment_ids,
-                     kv_segment_ids=kv_segment_ids, causal=True, q_positions=q_slots)
+        if prefill:  # k, v rounded through the cache's dtype, as every later step reads them
+            out = self._causal(q, k.astype(ck.dtype).astype(q.dtype), v.astype(cv.dtype).astype(v.dtype), segment_ids)
+        else:
+            q_slots = jnp.broadcast_to(index + jnp.arange(length, dtype=jnp.int32), (b, length))
+            out = attend(q, ck.astype(q.dtype), cv.astype(v.dtype), q_segment_ids=segment_ids,
+                         kv_segment_ids=kv_segment_ids, causal=True, q_positions=q_slots)
         return self.o_proj(out.reshape(b, length, -1)), (ck, cv)
+
+    def _causal(self, q, k, v, segment_ids):
+        """Causal attention of a sequence to itself: the kernel on TPU, else XLA."""
+        if resolve_impl(self.attention_impl) == "pallas":
+            return sharded_causal_attention(q, k, v, segment_ids)
+        return attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True)
 
 
 class DecoderLayer(nnx.Module):
@@ -81,8 +88,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=False, rngs=rngs, **kw)
 
-    def __call__(self, x, cos, sin, segment_ids, cache=None):
-        h, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, cache)
+    def __call__(self, x, cos, sin, segment_ids, cache=None, prefill: bool = False):
+        h, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, cache, prefill)
         x = x + h
         return constrain(x + self.mlp(self.post_attention_layernorm(x)), *HIDDEN), new_cache
 
@@ -97,8 +104,9 @@ class TextModel(nnx.Module):
                                    cfg.num_hidden_layers, rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
 
-    def __call__(self, x, position_ids, segment_ids, cache: KVCache | None = None):
+    def __call__(self, x, position_ids, segment_ids, cache: KVCache | None = None, prefill: bool = False):
         """x [B, L, D] input embeddings; position_ids [3, B, L]; segment_ids [B, L] (0 = padding).
+        prefill: `cache` is empty (static; see Attention).
 
         Returns (hidden [B, L, D], updated cache or None).
         """
@@ -111,7 +119,7 @@ class TextModel(nnx.Module):
         kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, cache.index, axis=1)
 
         def body(layer, h, kv):
-            return layer(h, cos, sin, segment_ids, (kv[0], kv[1], kv_seg, cache.index))
+            return layer(h, cos, sin, segment_ids, (kv[0], kv[1], kv_seg, cache.index), prefill)
 
         x, (k, v) = scan_layers(self.layers, body, x, (cache.k, cache.v))
         new_cache = KVCache(k=k, v=v, segment_ids=kv_seg, index=cache.index + x.shape[1])

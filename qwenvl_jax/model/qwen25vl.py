@@ -44,9 +44,9 @@ class Qwen25VL(nnx.Module):
 
     def prefill(self, input_ids, position_ids, segment_ids, vision: VisionInputs | None, vision_token_index,
                 cache: KVCache):
-        """Writes the prompt into the cache; returns (logits of the last position [B, V], cache)."""
+        """Writes the prompt into an empty cache; returns (logits of the last position [B, V], cache)."""
         x = self.embed(input_ids, vision, vision_token_index)
-        h, cache = self.language_model(x, position_ids, segment_ids, cache)
+        h, cache = self.language_model(x, position_ids, segment_ids, cache, prefill=True)
         return self.logits(h[:, -1]), cache
 
     def decode(self, tokens, position_ids, cache: KVCache):

@@ -11,8 +11,8 @@ import numpy as np
 from flax import nnx
 
 from qwenvl_jax.config import VisionConfig
-from qwenvl_jax.kernels import window_attention as kernel
-from qwenvl_jax.model.attention import attend, interpret_kernels, resolve_impl
+from qwenvl_jax.kernels.sharded import resolve_impl, vision_segment_attention, vision_segment_ranges
+from qwenvl_jax.model.attention import attend
 from qwenvl_jax.model.layers import MLP, Linear, RMSNorm, scan_layers, stack_layers
 from qwenvl_jax.model.rope import apply_rotary, vision_cos_sin
 from qwenvl_jax.model.vision_layout import VisionInputs
@@ -42,24 +42,13 @@ class VisionAttention(nnx.Module):
         # Rotary in f32, back to the compute dtype (SPEC 3.2).
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(v.dtype)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(v.dtype)
-        if resolve_impl(self.attention_impl) == "pallas":
-            # Rows folded into one sequence (their segment ids made distinct), heads first: [H, R*S, hd].
-            fold = lambda t: t.reshape(r * p, *t.shape[2:]).transpose(1, 0, 2)  # noqa: E731
-            out = kernel.segment_attention(fold(q), fold(k), fold(v), fold_segments(segment_ids),
-                                           max_segment_len=max_segment_len, ranges=ranges, block=VISION_BLOCK,
-                                           interpret=interpret_kernels())
-            out = out.transpose(1, 0, 2).reshape(r, p, *out.shape[::2])  # padding rows are zeros
+        if resolve_impl(self.attention_impl) == "pallas":  # per shard of rows and heads; padding rows are zeros
+            out = vision_segment_attention(q, k, v, segment_ids, max_segment_len=max_segment_len, block=VISION_BLOCK,
+                                           ranges=ranges)
         else:
             out = attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=False,
                          max_segment_len=max_segment_len, aligned=aligned, window=window)
         return self.proj(out.reshape(r, p, d))
-
-
-def fold_segments(segment_ids):
-    """[R, S] per-row segment ids -> [R*S] ids distinct across rows (0 stays padding)."""
-    r, s = segment_ids.shape
-    offset = (jnp.arange(r, dtype=jnp.int32) * (s + 1))[:, None]
-    return jnp.where(segment_ids > 0, segment_ids + offset, 0).reshape(-1)
 
 
 class VisionBlock(nnx.Module):
@@ -132,8 +121,8 @@ class VisionTransformer(nnx.Module):
         is_full = jnp.asarray(np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes))
         ranges = (None, None)
         if resolve_impl(self.attention_impl) == "pallas":  # block ranges once, shared by every layer
-            ranges = (kernel.segment_ranges(fold_segments(inputs.full_segment_ids), VISION_BLOCK),
-                      kernel.segment_ranges(fold_segments(inputs.window_segment_ids), VISION_BLOCK))
+            ranges = (vision_segment_ranges(inputs.full_segment_ids, VISION_BLOCK),
+                      vision_segment_ranges(inputs.window_segment_ids, VISION_BLOCK))
 
         def body(block, x, full):
             return block(x, cos, sin, inputs, full, ranges), None

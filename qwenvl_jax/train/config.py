@@ -52,6 +52,9 @@ class LoopSpec:
     steps: int = 100
     grad_accum: int = 1
     remat: str = "full"  # none | full | dots
+    # The loss makes f32 logits for this many positions at a time (0: the whole row). 2048 x 151936
+    # f32 is 1.2 GiB per row; a 32768-token row at once would be 19 GiB.
+    loss_chunk: int = 2048
     param_dtype: str = "float32"  # master weights
     compute_dtype: str = "bfloat16"
     seed: int = 0
@@ -110,6 +113,8 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
         if t.remat not in ("none", "full", "dots"):
             raise ConfigError(f"train.remat must be none, full or dots, got {t.remat!r}")
+        if t.loss_chunk < 0:
+            raise ConfigError(f"train.loss_chunk must be >= 0 (0: the whole row at once), got {t.loss_chunk}")
         if self.optim.learning_rate <= 0:
             raise ConfigError(f"optim.learning_rate must be > 0, got {self.optim.learning_rate}")
         for key in ("vision_lr_scale", "patch_embed_lr_scale", "merger_lr_scale"):

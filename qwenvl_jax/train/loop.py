@@ -24,6 +24,7 @@ from flax import nnx
 from qwenvl_jax import distributed
 from qwenvl_jax.config import ConfigError, Qwen25VLConfig
 from qwenvl_jax.data.pipeline import SampleEncoder, make_dataset, open_source, skip_report
+from qwenvl_jax.flops import PEAK_BF16_TFLOPS, train_flops_per_token, vision_flops_per_patch
 from qwenvl_jax.model.qwen25vl import Qwen25VL
 from qwenvl_jax.pretrained import resolve_dtype, with_attention_impl
 from qwenvl_jax.processing.processor import Processor
@@ -33,9 +34,6 @@ from qwenvl_jax.train.config import TrainConfig
 from qwenvl_jax.train.synthetic import write_synthetic_dataset
 from qwenvl_jax.weights.export import copy_side_files, save_hf_checkpoint
 from qwenvl_jax.weights.load import abstract_model, load_params
-
-PEAK_BF16_TFLOPS = {"TPU v4": 275, "TPU v5 lite": 197, "TPU v5e": 197, "TPU v5p": 459, "TPU v5": 459,
-                    "TPU v6 lite": 918, "TPU v6e": 918}
 
 
 class _Preemption:
@@ -88,22 +86,6 @@ def _sync(name: str):
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
-
-
-def train_flops_per_token(config: Qwen25VLConfig, seq_len: int) -> float:
-    """3 x forward FLOPs of the LLM per token: 2 per weight, plus causal attention (half of
-    4 * L * d per layer); the ViT is counted per patch separately."""
-    t = config.text
-    per_layer = 2 * (t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
-                     + t.num_attention_heads * t.head_dim * t.hidden_size + 3 * t.hidden_size * t.intermediate_size)
-    forward = t.num_hidden_layers * (per_layer + 2 * seq_len * t.hidden_size) + 2 * t.hidden_size * t.vocab_size
-    return 3.0 * forward
-
-
-def vision_flops_per_patch(config: Qwen25VLConfig) -> float:
-    v = config.vision
-    per_block = 2 * (4 * v.hidden_size**2 + 3 * v.hidden_size * v.intermediate_size)
-    return 3.0 * (v.depth * per_block + 2 * v.patch_dim * v.hidden_size)
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -173,7 +155,7 @@ def run(cfg: TrainConfig) -> dict:
     _, slots = data.budgets(config.vision.window_patches)
     step_cfg = steplib.StepConfig(groups=cfg.trainable, remat=t.remat, window_len=config.vision.window_patches,
                                   max_full_len=data.item_slots(config.vision.window_patches),
-                                  max_bad_steps=t.max_bad_steps)
+                                  max_bad_steps=t.max_bad_steps, loss_chunk=t.loss_chunk)
     flops_token = train_flops_per_token(config, data.seq_len)
     flops_patch = vision_flops_per_patch(config)
     peak = PEAK_BF16_TFLOPS.get(jax.devices()[0].device_kind)
@@ -233,8 +215,9 @@ def run(cfg: TrainConfig) -> dict:
         mngr.wait_until_finished()
         if cfg.export_hf:
             params = nnx.merge(graphdef, state.params)
-            save_hf_checkpoint(cfg.export_hf, nnx.state(params), config)
-            copy_side_files(tokenizer_dir, cfg.export_hf)  # tokenizer, template, processor: a complete checkpoint
+            save_hf_checkpoint(cfg.export_hf, nnx.state(params), config)  # every process joins; process 0 writes
+            if distributed.is_main_process():
+                copy_side_files(tokenizer_dir, cfg.export_hf)  # tokenizer, template, processor: a complete checkpoint
             say(f"exported HF checkpoint to {cfg.export_hf}", file=sys.stderr)
         return last
     finally:

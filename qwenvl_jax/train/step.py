@@ -93,6 +93,35 @@ def next_token_loss(logits, labels, segment_ids):
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
 
 
+def chunked_next_token_loss(hidden, logits_fn, labels, segment_ids, chunk: int):
+    """`next_token_loss` from the final hidden states [B, L, D], `chunk` positions at a time: each
+    chunk's f32 logits [B, chunk, V] are made, reduced and dropped (and remade in the backward
+    pass), so [B, L, V] never exists. Same targets and sums as the unchunked loss."""
+    b, length, d = hidden.shape
+    targets = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), IGNORE, labels.dtype)], axis=1)
+    same = jnp.concatenate([(segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0),
+                            jnp.zeros((b, 1), bool)], axis=1)
+    valid = (targets != IGNORE) & same  # position t predicts labels[t + 1] in its own segment
+    n = -(-length // chunk)
+    pad = n * chunk - length
+
+    def split(x):  # [B, L, ...] -> [n, B, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one(h, t, ok):
+        logp = jax.nn.log_softmax(logits_fn(h).astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, jnp.where(ok, t, 0)[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(ok, nll, 0.0))
+
+    def body(total, xs):
+        return total + one(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.float32(0), (split(hidden), split(targets), split(valid)))
+    return total, jnp.sum(valid)
+
+
 def batch_inputs(batch: dict, window_len: int, max_full_len: int):
     """A pipeline batch (arrays) -> model call arguments."""
     vision = VisionInputs(**{k: batch[k] for k in VISION_KEYS}, window_len=window_len, max_full_len=max_full_len)
@@ -108,6 +137,7 @@ class StepConfig:
     window_len: int
     max_full_len: int
     max_bad_steps: int
+    loss_chunk: int = 0  # positions per logits chunk in the loss; 0: all at once
 
 
 def _is_none(x):
@@ -127,8 +157,13 @@ def join(trainable, frozen):
 
 def loss_sum(trainable, frozen, graphdef, batch, cfg: StepConfig):
     model = nnx.merge(graphdef, join(trainable, frozen))
+    inputs = batch_inputs(batch, cfg.window_len, cfg.max_full_len)
+    length = batch["input_ids"].shape[-1]
     with remat_policy(cfg.remat):
-        logits = model(*batch_inputs(batch, cfg.window_len, cfg.max_full_len))
+        if 0 < cfg.loss_chunk < length:
+            return chunked_next_token_loss(model.hidden(*inputs), model.logits, batch["labels"],
+                                           batch["segment_ids"], cfg.loss_chunk)
+        logits = model(*inputs)
     return next_token_loss(logits, batch["labels"], batch["segment_ids"])
 
 

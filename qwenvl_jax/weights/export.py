@@ -2,6 +2,10 @@
 
 transformers (4.x and 5.x) and vLLM load the result; names and layouts are those of the published
 checkpoints. Tensors are converted one at a time while a shard is filled.
+
+Multi-host: every process calls this with the same (sharded) params; tensors are gathered one
+layer's tensor at a time (a collective every process joins, in the same order), and only process
+0 writes. No host ever holds more than one tensor plus the shard being filled.
 """
 
 from __future__ import annotations
@@ -40,30 +44,59 @@ _DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.
 _TORCH_DTYPE = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
-def hf_tensors(state, config: Qwen25VLConfig, dtype=None):
-    """Yields (HF name, numpy tensor) for every parameter, per-layer tensors unstacked."""
+GATHER_BYTES = 64 * 2**20
+
+
+def _to_host(x, gather_bytes: int = GATHER_BYTES) -> np.ndarray:
+    """One (possibly multi-process) array on this host: a plain copy when this process holds all of
+    it, else all-gathers (which every process joins) of row blocks of at most `gather_bytes`, so
+    the replicated temporaries on the devices stay small (HBM is full of training state when a
+    run exports) and the host holds the tensor plus one block."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    if x.ndim == 0 or x.nbytes <= gather_bytes:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    out = np.empty(x.shape, x.dtype)
+    rows = max(1, gather_bytes // (x.nbytes // x.shape[0]))
+    for start in range(0, x.shape[0], rows):
+        out[start:start + rows] = np.asarray(multihost_utils.process_allgather(x[start:start + rows], tiled=True))
+    return out
+
+
+def hf_tensors(state, config: Qwen25VLConfig, dtype=None, gather_bytes: int = GATHER_BYTES):
+    """Yields (HF name, numpy tensor) for every parameter, per-layer tensors unstacked; a stacked
+    parameter is brought to the host one layer at a time."""
     v = config.vision
     patch_shape = (v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         template, kind = hf_keys.hf_name(hf_keys.path_names(path))
-        value = np.asarray(jax.device_get(leaf))
-        if dtype is not None:
-            value = value.astype(dtype)
-        layers = [(template.format(i=i), value[i]) for i in range(value.shape[0])] \
-            if hf_keys.is_stacked(template) else [(template, value)]
-        for name, x in layers:
+        leaf = getattr(leaf, "value", leaf)
+        if hf_keys.is_stacked(template):
+            layers = ((template.format(i=i), lambda i=i: _to_host(leaf[i], gather_bytes))
+                      for i in range(leaf.shape[0]))
+        else:
+            layers = [(template, lambda: _to_host(leaf, gather_bytes))]
+        for name, fetch in layers:
+            x = fetch()
+            if dtype is not None:
+                x = x.astype(dtype)
             shape = hf_keys.expected_hf_shape(x.shape, kind, patch_shape)
             yield name, np.ascontiguousarray(hf_keys.to_hf(x, kind, shape))
 
 
 def save_hf_checkpoint(out_dir: str | Path, state, config: Qwen25VLConfig, *, dtype: str | None = None,
-                       max_shard_bytes: int = 5 * 2**30) -> Path:
+                       max_shard_bytes: int = 5 * 2**30, gather_bytes: int = GATHER_BYTES) -> Path:
     """Writes model-0000k-of-0000n.safetensors + index (or one model.safetensors) and config.json.
 
-    Each shard is written as soon as it is full, so host memory holds at most one shard.
+    Each shard is written as soon as it is full, so host memory holds at most one shard. With
+    several processes every one must call this; process 0 writes.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    writer = jax.process_index() == 0
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     written: list[tuple[Path, list[str]]] = []
@@ -72,10 +105,11 @@ def save_hf_checkpoint(out_dir: str | Path, state, config: Qwen25VLConfig, *, dt
 
     def flush():
         tmp = out / f".shard-{len(written):05d}.tmp"
-        save_file(current, str(tmp), metadata={"format": "pt"})  # transformers expects the marker
+        if writer:
+            save_file(current, str(tmp), metadata={"format": "pt"})  # transformers expects the marker
         written.append((tmp, list(current)))
 
-    for name, tensor in hf_tensors(state, config, _DTYPES.get(dtype) if dtype else None):
+    for name, tensor in hf_tensors(state, config, _DTYPES.get(dtype) if dtype else None, gather_bytes):
         if current and size + tensor.nbytes > max_shard_bytes:
             flush()
             current, size = {}, 0
@@ -84,6 +118,8 @@ def save_hf_checkpoint(out_dir: str | Path, state, config: Qwen25VLConfig, *, dt
         total += tensor.nbytes
         torch_dtype = _TORCH_DTYPE.get(tensor.dtype, "float32")
     flush()
+    if not writer:
+        return out
 
     (out / INDEX_FILE).unlink(missing_ok=True)
     if len(written) == 1:

@@ -3,7 +3,8 @@
     python multihost_worker.py PORT PROCESS_ID NUM_PROCESSES CHECKPOINT OUT_DIR MESH
 
 Loads CHECKPOINT sharded over MESH spanning every process's devices, reports this process's host
-memory growth while loading, then the logits and greedy tokens of `batch.npz` in OUT_DIR.
+memory growth while loading, then the logits and greedy tokens of `batch.npz` in OUT_DIR, then
+exports the sharded model to OUT_DIR/export (process 0 writes) and reports the memory that took.
 """
 
 import json
@@ -49,7 +50,15 @@ def main():
     batch = dict(np.load(out / "batch.npz"))
     logits = to_host(model(**batch))
     tokens = generate(model, model.prepare(**batch), max_new_tokens=5, eos_token_ids=[], pad_token_id=0).token_ids
-    (out / f"memory_{pid}.json").write_text(json.dumps({"load_growth": peak - before, "local_param_bytes": local}))
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    before_export = rss_bytes("VmRSS")
+    model.save_pretrained(out / "export", max_shard_bytes=32 * 2**20, gather_bytes=4 * 2**20)
+    export_growth = rss_bytes("VmHWM") - before_export
+    (out / f"memory_{pid}.json").write_text(json.dumps({"load_growth": peak - before, "local_param_bytes": local,
+                                                        "export_growth": export_growth}))
     if distributed.is_main_process():
         np.save(out / "logits.npy", logits)
         (out / "tokens.json").write_text(json.dumps(tokens))

@@ -66,3 +66,13 @@ def test_mesh_matches_single_device(checkpoint, reference, mesh):
         err = np.abs(np.asarray(logits) - logits_ref).max()
         assert err <= 1e-5, (mesh, rows, err)
         assert _greedy(model, batch) == tokens_ref, (mesh, rows)
+
+
+@pytest.mark.parametrize("mesh", ["data=2,fsdp=1,tensor=4"])
+def test_pallas_kernels_per_shard_match_single_device(checkpoint, reference, mesh):
+    """attention_impl='pallas' on 8 CPU devices (kernels interpreted, each inside shard_map on its
+    rows and heads) gives the single-device XLA logits."""
+    model = load_pretrained(checkpoint, dtype="float32", mesh=mesh, attention_impl="pallas")
+    logits_ref, _ = reference[8]
+    err = np.abs(np.asarray(model(**_batch(8))) - logits_ref).max()
+    assert err <= 1e-5, (mesh, err)

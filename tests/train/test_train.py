@@ -32,9 +32,11 @@ def _hf_batch(rng):
     return ids, labels, pixels, np.array([grid])
 
 
-def test_gradients_match_transformers(tiny_checkpoint):
+@pytest.mark.parametrize("loss_chunk", [0, 7])
+def test_gradients_match_transformers(tiny_checkpoint, loss_chunk):
     """Same batch (text + image), same loss (mean next-token CE over labelled targets): every
-    parameter's gradient within 1e-4 (max |diff| / max |ref|) of PyTorch's."""
+    parameter's gradient within 1e-4 (max |diff| / max |ref|) of PyTorch's; also with the loss's
+    logits made 7 positions at a time (43 positions: 7 chunks, the last one padded)."""
     path, hf = tiny_checkpoint("untied_w112")
     rng = np.random.default_rng(0)
     ids, labels, pixels, grids = _hf_batch(rng)
@@ -51,7 +53,7 @@ def test_gradients_match_transformers(tiny_checkpoint):
              "vision_token_index": inputs.vision_token_index,
              **{k: getattr(inputs.vision, k) for k in steplib.VISION_KEYS}}
     cfg = steplib.StepConfig(groups=steplib.GROUPS, remat="full", window_len=inputs.vision.window_len,
-                             max_full_len=inputs.vision.max_full_len, max_bad_steps=1)
+                             max_full_len=inputs.vision.max_full_len, max_bad_steps=1, loss_chunk=loss_chunk)
     params = nnx.to_pure_dict(model.params)
     _, nothing_frozen = steplib.split_trainable(params, steplib.trainable_mask(params, steplib.GROUPS))
 

@@ -1,0 +1,151 @@
+"""Deviceless TPU compiles (qwenvl_jax.aot): the real XLA:TPU and Mosaic compilers, run on this CPU
+for 4-chip v5p and v5e topologies. A kernel that GSPMD cannot partition, a sharding that does not
+fit, or a Pallas block shape Mosaic refuses fails here, without a TPU.
+
+The model is the tiny preset with attention_impl "auto": compiling for a TPU mesh must pick the
+Pallas kernels (not the interpreted or XLA path) although the default backend is the CPU.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from qwenvl_jax import aot
+from qwenvl_jax.config import Qwen25VLConfig
+from qwenvl_jax.data.pipeline import DataConfig
+from qwenvl_jax.kernels import sharded
+from qwenvl_jax.sharding import Layout, MeshConfig, active
+
+MESHES = ["tensor=4", "fsdp=2,tensor=2", "data=2,fsdp=2"]  # README's layouts on 4 chips
+DATA = DataConfig(seq_len=256)
+
+
+@pytest.fixture(scope="module")
+def v5p():
+    return aot.tpu_devices("v5p-8")
+
+
+@pytest.fixture(scope="module")
+def config():
+    config = Qwen25VLConfig.from_preset("tiny")
+    assert config.attention_impl == "auto"
+    return config
+
+
+def _layout(mesh, devices, config):
+    return Layout.create(MeshConfig.parse(mesh), devices=devices).for_model(config)
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("v5p-8", "v5p:2x2x1"), ("v5p-16", "v5p:2x2x2"), ("v5p-32", "v5p:2x2x4"), ("v5p-64", "v5p:2x4x4"),
+    ("v5p-128", "v5p:4x4x4"), ("v5p-512", "v5p:4x8x8"), ("v4-8", "v4:2x2x1"), ("v5litepod-1", "v5e:1x1"),
+    ("v5e-4", "v5e:2x2"), ("v5litepod-8", "v5e:2x4"), ("v5e-16", "v5e:4x4"), ("v5e-32", "v5e:4x8"),
+    ("v5e-256", "v5e:16x16"), ("v6e-8", "v6e:2x4")])
+def test_slice_names_map_to_cloud_tpu_topologies(name, shape):
+    """Cloud TPU's published slice shapes (v4/v5p names count TensorCores, 2 per chip)."""
+    assert aot.topology_name(name) == shape
+
+
+@pytest.mark.parametrize("bad", ["v9-8", "v5p", "v5p-3", "v5p-12", "v5e-0", "tpu-8"])
+def test_bad_slice_names(bad):
+    with pytest.raises(aot.TopologyError, match="TPU slice"):
+        aot.topology_name(bad)
+
+
+def test_devices_are_tpu_chips(v5p):
+    assert len(v5p) == 4 and {d.platform for d in v5p} == {"tpu"}
+    assert jax.default_backend() == "cpu"  # the process itself stays on the CPU
+    assert len(aot.tpu_devices("v5e-4")) == 4
+
+
+@pytest.mark.parametrize("mesh", ["tensor=4", "data=2,fsdp=2"])
+def test_kernels_fwd_and_bwd_compile_per_shard(v5p, config, mesh):
+    """Both kernels, forward + backward, on a mesh that splits their heads or rows: Mosaic calls in
+    the compiled program (unpartitioned, this is 'Mosaic kernels cannot be automatically partitioned')."""
+    layout = _layout(mesh, v5p, config)
+    bf16 = jnp.bfloat16
+
+    def arg(shape, names, dtype=bf16):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=layout.sharding(names, shape))
+
+    qkv = ("batch", "length", "heads", "head_dim")
+    dec = (arg((4, 512, 8, 128), qkv), arg((4, 512, 2, 128), qkv), arg((4, 512, 2, 128), qkv),
+           arg((4, 512), ("batch", "length"), jnp.int32))
+    vqkv = ("batch", "length", "vision_heads", "head_dim")
+    vis = (arg((4, 1024, 16, 80), vqkv),) * 3 + (arg((4, 1024), ("batch", "length"), jnp.int32),)
+
+    def vision(q, k, v, seg):
+        ranges = sharded.vision_segment_ranges(seg, 128)
+        return sharded.vision_segment_attention(q, k, v, seg, max_segment_len=64, block=128, ranges=ranges)
+
+    for fn, args in ((sharded.sharded_causal_attention, dec), (vision, vis)):
+        def loss(q, k, v, seg, fn=fn):
+            with active(layout):
+                return jnp.sum(fn(q, k, v, seg).astype(jnp.float32))
+
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+        assert aot.summarize(compiled)["mosaic_kernels"] >= 3  # forward, and the backward's kernels
+
+
+@pytest.fixture(scope="module", params=MESHES)
+def v5p_programs(request, v5p, config):
+    """Forward, SFT train step, prefill and decode compiled for one 4-chip v5p mesh."""
+    layout = _layout(request.param, v5p, config)
+    forward = aot.compile_forward(config, layout, batch=4, seq_len=256, image_tokens=64)
+    train = aot.compile_train_step(config, layout, DATA, rows=4, stage="sft")
+    prefill, decode = aot.compile_generation(config, layout, batch=4, prompt_len=128, max_new_tokens=32,
+                                             image_tokens=16)
+    return layout, {c.name: c for c in (forward, train, prefill, decode)}
+
+
+def test_programs_compile_with_mosaic_kernels(v5p_programs):
+    _, programs = v5p_programs
+    kernels = {name: c.summary()["mosaic_kernels"] for name, c in programs.items()}
+    # Forward and prefill: ViT window + full kernels and the decoder's splash (a prefill attends
+    # among the prompt's tokens, not to the whole cache); the SFT step adds the decoder kernel's
+    # backward; decode (one token against the cache) is XLA.
+    assert kernels["forward"] >= 3
+    assert kernels["prefill"] >= 3
+    assert kernels["train_step[sft]"] > kernels["forward"]
+    assert kernels["decode"] == 0
+
+
+def test_compiled_arguments_hold_the_sharded_state(v5p_programs, config):
+    """XLA's argument bytes per chip cover the state and batch shards one chip holds (TPU tiling
+    only pads small arrays up), and the donated state is updated in place."""
+    from qwenvl_jax.train import step as steplib
+    from qwenvl_jax.train.config import STAGES, OptimSpec
+
+    layout, programs = v5p_programs
+    summary = programs["train_step[sft]"].summary()
+    _, params = aot.abstract_params(config, layout, jnp.float32)
+    plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    tx, _ = steplib.make_optimizer(OptimSpec(), 1000, plain, STAGES["sft"])
+    state = jax.eval_shape(lambda p: steplib.init_state(p, tx), plain)
+    shardings = steplib.state_shardings(state, jax.tree.map(lambda x: x.sharding, params), tx, layout)
+
+    def local_bytes(x, sharding):
+        return jnp.dtype(x.dtype).itemsize * math.prod(sharding.shard_shape(x.shape))
+
+    state_bytes = sum(map(local_bytes, jax.tree.leaves(state), jax.tree.leaves(shardings)))
+    batch_bytes = sum(local_bytes(x, x.sharding) for x in aot.train_batch(config, layout, DATA, 4).values())
+    assert summary["argument_bytes"] >= state_bytes + batch_bytes
+    assert summary["alias_bytes"] >= state_bytes // 2  # params and optimizer moments alias their outputs
+
+
+def test_stage1_vision_train_step_compiles(v5p, config):
+    """Stage 1 (ViT + merger train): the ViT kernels' backward is compiled too."""
+    layout = _layout("fsdp=2,tensor=2", v5p, config)
+    vision = aot.compile_train_step(config, layout, DATA, rows=4, stage="vision").summary()
+    assert vision["mosaic_kernels"] >= 6  # window + full, forward and two backward kernels each
+
+
+def test_v5e_train_step_and_generation_compile(config):
+    layout = _layout("data=2,tensor=2", aot.tpu_devices("v5e-4"), config)
+    train = aot.compile_train_step(config, layout, DATA, rows=4, stage="all").summary()
+    prefill, decode = aot.compile_generation(config, layout, batch=2, prompt_len=64, max_new_tokens=16,
+                                             image_tokens=16)
+    assert train["mosaic_kernels"] >= 6 and prefill.summary()["mosaic_kernels"] >= 3
+
