@@ -131,7 +131,7 @@ def test_cli_table_and_json(capsys):
                       "--tpu", "v5e", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["fits"] is False and r["total_bytes_per_chip"] == sum(r["bytes_per_chip"].values())
-    assert set(r["bytes_per_chip"]) == {"params", "optimizer", "gradients", "activations"}
+    assert set(r["bytes_per_chip"]) == {"params", "optimizer", "gradients", "update_temporaries", "activations"}
 
 
 @pytest.mark.parametrize("argv,needle", [
