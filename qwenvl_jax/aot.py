@@ -99,14 +99,32 @@ def _abstract(shape, dtype, sharding):
     return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
 
 
+def _placed(tree, shardings):
+    """A tree of shapes/dtypes (arrays or ShapeDtypeStructs) with a like tree of shardings attached."""
+    return jax.tree.map(lambda x, s: _abstract(x.shape, x.dtype, s), tree, shardings)
+
+
 def abstract_params(config: Qwen25VLConfig, layout: Layout, param_dtype, dtype=None):
     """(graphdef, parameters as a pure dict of sharded ShapeDtypeStructs)."""
     from qwenvl_jax.weights.load import abstract_model
 
     graphdef, state = abstract_model(config, param_dtype, dtype)
-    shardings = nnx.to_pure_dict(param_shardings(state, layout))
-    shapes = nnx.to_pure_dict(state)
-    return graphdef, jax.tree.map(lambda x, s: _abstract(x.shape, x.dtype, s), shapes, shardings)
+    return graphdef, _placed(nnx.to_pure_dict(state), nnx.to_pure_dict(param_shardings(state, layout)))
+
+
+def abstract_train_state(config: Qwen25VLConfig, layout: Layout, stage: str = "sft", param_dtype=jnp.float32,
+                         dtype=jnp.bfloat16):
+    """(graphdef, optimizer, abstract TrainState with its shardings attached, the state's shardings)
+    as `python -m qwenvl_jax.train` builds them for `stage` (AdamW over its trainable groups)."""
+    from qwenvl_jax.train import step as steplib
+    from qwenvl_jax.train.config import STAGES, OptimSpec
+
+    graphdef, params = abstract_params(config, layout, param_dtype, dtype)
+    plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    tx, _ = steplib.make_optimizer(OptimSpec(), 1000, plain, STAGES[stage])
+    state = jax.eval_shape(lambda p: steplib.init_state(p, tx), plain)
+    shardings = steplib.state_shardings(state, jax.tree.map(lambda x: x.sharding, params), tx, layout)
+    return graphdef, tx, _placed(state, shardings), shardings
 
 
 def abstract_vision(config: Qwen25VLConfig, layout: Layout, rows: int, patches: int, slots: int,
@@ -219,17 +237,10 @@ def compile_train_step(config: Qwen25VLConfig, layout: Layout, data: DataConfig,
     """The train step of `python -m qwenvl_jax.train` (AdamW, the stage's trainable groups, state
     donated) for `rows` packed rows of data.seq_len tokens per microbatch."""
     from qwenvl_jax.train import step as steplib
-    from qwenvl_jax.train.config import STAGES, OptimSpec
+    from qwenvl_jax.train.config import STAGES
 
-    graphdef, params = abstract_params(config, layout, param_dtype, dtype)
-    shardings = jax.tree.map(lambda x: x.sharding, params)
-    plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    groups = STAGES[stage]
-    tx, _ = steplib.make_optimizer(OptimSpec(), 1000, plain, groups)
-    state = jax.eval_shape(lambda p: steplib.init_state(p, tx), plain)
-    state_sharding = steplib.state_shardings(state, shardings, tx, layout)
-    state = jax.tree.map(lambda x, s: _abstract(x.shape, x.dtype, s), state, state_sharding)
-    cfg = steplib.StepConfig(groups=groups, remat=remat, window_len=config.vision.window_patches,
+    graphdef, tx, state, state_sharding = abstract_train_state(config, layout, stage, param_dtype, dtype)
+    cfg = steplib.StepConfig(groups=STAGES[stage], remat=remat, window_len=config.vision.window_patches,
                              max_full_len=data.item_slots(config.vision.window_patches), max_bad_steps=1,
                              loss_chunk=loss_chunk)
     batch = train_batch(config, layout, data, rows, accum)
@@ -272,8 +283,7 @@ def compile_generation(config: Qwen25VLConfig, layout: Layout, *, batch: int, pr
     in_shardings = jax.tree.map(lambda x: x.sharding, dynamic)
     prefill = jax.jit(gen._prefill, static_argnums=(0, 1, 2, 3), in_shardings=in_shardings, out_shardings=shardings)
     compiled_prefill = _compile("prefill", prefill, *static, *dynamic)
-    state = jax.eval_shape(lambda *d: gen._prefill(*static, *d), *dynamic)
-    state = jax.tree.map(lambda x, s: _abstract(x.shape, x.dtype, s), state, shardings)
+    state = _placed(jax.eval_shape(lambda *d: gen._prefill(*static, *d), *dynamic), shardings)
     n = _abstract((), jnp.int32, layout.replicated)
     dynamic = (params, state, n, sampling, eos, pad)
     decode = jax.jit(gen._decode, static_argnums=(0, 1), donate_argnums=(3,),

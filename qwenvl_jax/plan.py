@@ -67,7 +67,7 @@ from jax.sharding import AbstractMesh
 
 from qwenvl_jax.cli import user_error
 from qwenvl_jax.config import Qwen25VLConfig
-from qwenvl_jax.sharding import DEFAULT_RULES, MESH_AXES, Layout, MeshConfig, MeshError
+from qwenvl_jax.sharding import DEFAULT_RULES, MESH_AXES, Layout, MeshConfig, MeshError, spec_axes
 
 GIB = 2**30
 # HBM per chip. Google's pages say "GB"; these are the sizes the runtime reports per chip (v5p: 95).
@@ -124,7 +124,7 @@ def local_shape(layout: Layout, names, shape, gathered: tuple[str, ...] = ()) ->
     spec = tuple(layout.spec(names, shape)) + (None,) * len(shape)
     out = []
     for dim, entry in zip(shape, spec):
-        axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+        axes = spec_axes(entry)
         out.append(dim // math.prod(layout.mesh.shape[a] for a in axes if a not in gathered))
     return tuple(out)
 
@@ -358,13 +358,11 @@ def compiled_report(req: Request, config: Qwen25VLConfig, sizes: dict[str, int],
 def _dims(config, req, image_tokens, layout, vision_global: bool):
     """(text config, vision config, local batch, ViT rows per chip). The ViT runs on slots: each
     window padded to its 64 patches, budgeted at 1.5 x the patches as the data pipeline does."""
-    from qwenvl_jax.data.pipeline import DataConfig
+    from qwenvl_jax.aot import vision_budgets
 
-    t, v = config.text, config.vision
     b_local = local_shape(layout, ("batch",), (req.batch,))[0]
-    patches = (req.batch if vision_global else b_local) * image_tokens * v.merge_unit
-    slots = DataConfig(seq_len=1, patch_budget=patches).budgets(v.window_patches)[1] if patches else 0
-    return t, v, b_local, patches, slots
+    patches, slots = vision_budgets(config, (req.batch if vision_global else b_local) * image_tokens)
+    return config.text, config.vision, b_local, patches, slots
 
 
 def _text_layer(layout, config, b, length, a: int, attention: str) -> int:

@@ -114,6 +114,11 @@ class MeshConfig:
         return Mesh(arr, MESH_AXES)
 
 
+def spec_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def _normalize_rules(rules) -> tuple[tuple[str, tuple[str, ...] | None], ...]:
     items = rules.items() if isinstance(rules, Mapping) else rules
     out = []

@@ -115,16 +115,9 @@ def test_programs_compile_with_mosaic_kernels(v5p_programs):
 def test_compiled_arguments_hold_the_sharded_state(v5p_programs, config):
     """XLA's argument bytes per chip cover the state and batch shards one chip holds (TPU tiling
     only pads small arrays up), and the donated state is updated in place."""
-    from qwenvl_jax.train import step as steplib
-    from qwenvl_jax.train.config import STAGES, OptimSpec
-
     layout, programs = v5p_programs
     summary = programs["train_step[sft]"].summary()
-    _, params = aot.abstract_params(config, layout, jnp.float32)
-    plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    tx, _ = steplib.make_optimizer(OptimSpec(), 1000, plain, STAGES["sft"])
-    state = jax.eval_shape(lambda p: steplib.init_state(p, tx), plain)
-    shardings = steplib.state_shardings(state, jax.tree.map(lambda x: x.sharding, params), tx, layout)
+    _, _, state, shardings = aot.abstract_train_state(config, layout, "sft")
 
     def local_bytes(x, sharding):
         return jnp.dtype(x.dtype).itemsize * math.prod(sharding.shard_shape(x.shape))

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from qwenvl_jax.kernels import window_attention
 from qwenvl_jax.kernels.causal_attention import causal_attention
-from qwenvl_jax.sharding import Layout, active_layout
+from qwenvl_jax.sharding import Layout, active_layout, spec_axes
 
 
 def kernel_platform() -> str:
@@ -48,10 +48,6 @@ def _partitioned(layout: Layout | None) -> bool:
     return layout is not None and layout.size > 1
 
 
-def _axes(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _shard_map(fn, layout: Layout, in_specs, out_specs):
     # check_vma off: pallas_call has no replication rule; the specs below are exact by construction.
     return jax.shard_map(fn, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
@@ -69,11 +65,10 @@ def sharded_causal_attention(q, k, v, segment_ids):
     interpret = interpret_kernels()
     if not _partitioned(layout):
         return causal_attention(q, k, v, segment_ids, interpret=interpret)
-    b, _, h, _ = q.shape
     kv = k.shape[2]
     spec = layout.spec(("batch", "length", "heads", "head_dim"), q.shape)
     rows, heads = spec[0], spec[2]
-    n = math.prod(layout.mesh.shape[a] for a in _axes(heads))
+    n = math.prod(layout.mesh.shape[a] for a in spec_axes(heads))
     if kv % n:  # n divides h (the heads rule only keeps divisible axes), so lcm(kv, n) divides h too
         repeat = math.lcm(kv, n) // kv
         k, v = jnp.repeat(k, repeat, axis=2), jnp.repeat(v, repeat, axis=2)

@@ -19,6 +19,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from qwenvl_jax.config import Qwen25VLConfig
+from qwenvl_jax.sharding import to_host
 from qwenvl_jax.weights import hf_keys
 from qwenvl_jax.weights.load import INDEX_FILE
 
@@ -52,16 +53,12 @@ def _to_host(x, gather_bytes: int = GATHER_BYTES) -> np.ndarray:
     it, else all-gathers (which every process joins) of row blocks of at most `gather_bytes`, so
     the replicated temporaries on the devices stay small (HBM is full of training state when a
     run exports) and the host holds the tensor plus one block."""
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    if x.ndim == 0 or x.nbytes <= gather_bytes:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    if getattr(x, "is_fully_addressable", True) or x.ndim == 0 or x.nbytes <= gather_bytes:
+        return to_host(x)
     out = np.empty(x.shape, x.dtype)
     rows = max(1, gather_bytes // (x.nbytes // x.shape[0]))
     for start in range(0, x.shape[0], rows):
-        out[start:start + rows] = np.asarray(multihost_utils.process_allgather(x[start:start + rows], tiled=True))
+        out[start:start + rows] = to_host(x[start:start + rows])
     return out
 
 
