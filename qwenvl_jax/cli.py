@@ -5,6 +5,7 @@ Set QWENVL_DEBUG=1 to get the traceback instead.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -16,3 +17,16 @@ def user_error(e: BaseException) -> int:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else e
     print(f"error: {msg}", file=sys.stderr)
     return 1
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """`--help` names each flag's default when it has one (not None, False or empty) and the help
+    text does not already say it; a flag without help text gets a line with its default."""
+
+    def add_argument(self, action):
+        default = action.default
+        shown = not (default is None or default is False or default is argparse.SUPPRESS
+                     or (isinstance(default, (list, tuple, str)) and not default))
+        if shown and action.option_strings and "default" not in (action.help or ""):
+            action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
+        super().add_argument(action)

@@ -6,7 +6,8 @@
 Loads the safetensors checkpoint into our param tree (checking every tensor's name and shape),
 then writes it back as HF safetensors (sharded, with index and config.json) in the chosen dtype;
 tokenizer, processor and generation files are copied alongside. The same functions are the
-library API: `load_pretrained(path)` and `model.save_pretrained(out, dtype=...)`.
+library API: `load_pretrained(path)` and `model.save_pretrained(out, dtype=...)` (which copies
+those files from the directory the model was loaded from).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import json
 import sys
 from pathlib import Path
 
+from qwenvl_jax.cli import DefaultsHelpFormatter
 from qwenvl_jax.config import ConfigError
 from qwenvl_jax.pretrained import load_pretrained
-from qwenvl_jax.weights.export import copy_side_files
 from qwenvl_jax.weights.load import CheckpointError
 
 
@@ -32,12 +33,13 @@ def _checkpoint_dtype(path: Path) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m qwenvl_jax.convert", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_jax.convert", description=__doc__.split("\n\n")[0],
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="HF checkpoint directory to read")
     ap.add_argument("--out", required=True, help="directory to write the HF checkpoint to")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                     help="dtype of the written tensors (default: the checkpoint's own torch_dtype)")
-    ap.add_argument("--max-shard-size-gb", type=float, default=5.0)
+    ap.add_argument("--max-shard-size-gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
     args = ap.parse_args(argv)
     src, out = Path(args.checkpoint), Path(args.out)
     if out.resolve() == src.resolve():
@@ -46,11 +48,11 @@ def main(argv=None) -> int:
     try:
         dtype = args.dtype or _checkpoint_dtype(src)
         model = load_pretrained(src, dtype=dtype)  # loaded in the output dtype: one copy, no upcast
+        # weights, config.json, and src's tokenizer / processor / generation files
         model.save_pretrained(out, dtype=dtype, max_shard_bytes=int(args.max_shard_size_gb * 2**30))
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    copy_side_files(src, out)
     print(f"wrote {out}")
     return 0
 

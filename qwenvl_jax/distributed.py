@@ -26,8 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="call jax.distributed.initialize() with auto-detection (TPU VM pods, SLURM)")
     group.add_argument("--coordinator", metavar="HOST:PORT",
                        help="address of process 0's coordinator (default: $JAX_COORDINATOR_ADDRESS)")
-    group.add_argument("--num-processes", type=int, metavar="N")
-    group.add_argument("--process-id", type=int, metavar="I")
+    group.add_argument("--num-processes", type=int, metavar="N",
+                       help="number of processes (with --process-id and --coordinator; default: auto-detected "
+                            "with --distributed)")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 to N-1")
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,

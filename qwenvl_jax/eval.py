@@ -4,8 +4,9 @@
 
 Prints one JSON line: counting_accuracy, attribute_accuracy, exact_accuracy (all records),
 grounding_iou50 (share of ground-truth boxes matched one-to-one by a predicted box with IoU >= 0.5),
-grounding_precision50, grounding_mean_iou, n / n_count / n_attribute / n_ground, samples_per_s,
-compile_s. Progress goes to stderr.
+grounding_precision50, grounding_mean_iou, n / n_count / n_attribute / n_ground, by_form (per
+question form of make_data -- count_all, count_color, color, kind, ground, ... -- its n, accuracy
+and, for grounding, iou50), samples_per_s, compile_s. Progress goes to stderr.
 
 Records use the training format (README "Training data"). The task comes from the record's "meta"
 (written by `qwenvl_jax.demo.make_data`); a record without one counts toward exact_accuracy only.
@@ -21,8 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from qwenvl_jax.cli import user_error
+from qwenvl_jax.cli import DefaultsHelpFormatter, user_error
 from qwenvl_jax.data.formats import parse_record
+from qwenvl_jax.data.sources import resolve_data_root
 from qwenvl_jax.generation.grounding import BOX, parse_grounding
 
 TASK_METRIC = {"count": "counting_accuracy", "attribute": "attribute_accuracy"}
@@ -67,7 +69,8 @@ def _items(text: str) -> list[tuple[str, list]]:
 def score(records: list[dict], predictions: list[str]) -> dict:
     """Metrics for predictions (model texts) against records (each with "answer", and "task"/"boxes").
 
-    A record here is `{"answer": str, "task": "count"|"attribute"|"ground"|None, "boxes": [[x1,y1,x2,y2]]}`
+    A record here is `{"answer": str, "task": "count"|"attribute"|"ground"|None, "boxes": [[x1,y1,x2,y2]],
+    "form": make_data's question form or None}`
     (`reference` builds it from a JSONL record); "detect" (make_data's "Locate every shape.") scores as
     "ground". A grounding prediction is exact when its boxes and labels equal the truth's as sets,
     whatever its JSON spacing; other answers compare after `normalize`.
@@ -77,7 +80,9 @@ def score(records: list[dict], predictions: list[str]) -> dict:
         raise ValueError(f"{len(records)} records but {len(predictions)} predictions")
     hits = {t: [] for t in ("count", "attribute", "ground", None)}
     ious, n_pred, pred_hits = [], 0, 0
+    form_hits, form_ious = {}, {}
     for rec, pred in zip(records, predictions):
+        matched = None
         task = rec.get("task")
         if task == "detect":  # "Locate every shape.": grounding with a label per box
             task = "ground"
@@ -93,6 +98,10 @@ def score(records: list[dict], predictions: list[str]) -> dict:
         else:
             ok = normalize(pred) == normalize(rec["answer"])
         hits[task if task in hits else None].append(ok)
+        if rec.get("form"):
+            form_hits.setdefault(rec["form"], []).append(ok)
+            if matched is not None:
+                form_ious.setdefault(rec["form"], []).extend(matched)
 
     def mean(xs):
         return round(sum(xs) / len(xs), 4) if xs else None
@@ -104,6 +113,9 @@ def score(records: list[dict], predictions: list[str]) -> dict:
     out["grounding_mean_iou"] = mean(ious)
     out["n"] = len(records)
     out.update({f"n_{t}": len(hits[t]) for t in ("count", "attribute", "ground")})
+    out["by_form"] = {form: {"n": len(h), "accuracy": mean(h),
+                             **({"iou50": mean([v >= 0.5 for v in form_ious[form]])} if form in form_ious else {})}
+                      for form, h in sorted(form_hits.items())}
     return out
 
 
@@ -122,7 +134,8 @@ def reference(record: dict, data_root=None) -> tuple[list[dict], list[str], dict
         raise ValueError("videos are not supported by eval")
     meta = record.get("meta") or {}
     truth = {"answer": "".join(p["text"] for p in answer["content"] if p["type"] == "text"),
-             "task": meta.get("task"), "boxes": meta.get("boxes_resized"), "resized_hw": meta.get("resized_hw")}
+             "task": meta.get("task"), "boxes": meta.get("boxes_resized"), "resized_hw": meta.get("resized_hw"),
+             "form": meta.get("form")}
     return prompt, [p["image"] for p in parts if p["type"] == "image"], truth
 
 
@@ -205,9 +218,11 @@ def evaluate(model, processor, records: list[dict], data_root=None, *, max_new_t
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m qwenvl_jax.eval", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_jax.eval", description=__doc__.split("\n\n")[0],
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="HF Qwen2.5-VL checkpoint directory (with tokenizer)")
-    ap.add_argument("--data", required=True, help="JSONL file; media paths are relative to its directory")
+    ap.add_argument("--data", required=True, help="JSONL file; relative media paths resolve against its directory")
+    ap.add_argument("--data-root", help="resolve relative media paths against this directory instead")
     ap.add_argument("--limit", type=int, help="evaluate the first N records")
     ap.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -236,7 +251,7 @@ def main(argv=None) -> int:
         log(f"loading {checkpoint} ({args.dtype})...")
         model = load_pretrained(checkpoint, dtype=args.dtype)
         rows = []
-        result = evaluate(model, processor, records, Path(args.data).resolve().parent,
+        result = evaluate(model, processor, records, resolve_data_root(args.data, args.data_root),
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                           predictions_out=rows, log=log)
         if args.predictions:

@@ -25,21 +25,19 @@ from pathlib import Path
 import jax
 
 from qwenvl_jax import distributed
-from qwenvl_jax.cli import user_error
+from qwenvl_jax.cli import DefaultsHelpFormatter, user_error
+from qwenvl_jax.demo import DEMO_MODEL, SAMPLE_IMAGE, SAMPLE_PROMPT
 from qwenvl_jax.generation.sampling import SamplingParams
 
 DEFAULT_MAX_NEW_TOKENS = 512
-DEMO_DIR = Path(__file__).resolve().parent / "demo"
-DEMO_MODEL = DEMO_DIR / "model"  # trained by configs/demo.yaml (README: "The bundled demo model")
-DEMO_IMAGE = DEMO_DIR / "sample.png"
-DEMO_PROMPT = "Locate every blue triangle."
 DEMO_DRAW = "demo_boxes.png"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m qwenvl_jax.infer", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_jax.infer", description=__doc__.split("\n\n")[0],
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--checkpoint", help="HF Qwen2.5-VL checkpoint directory (default: the bundled demo model)")
-    ap.add_argument("--prompt", help=f"the user's question (demo default: {DEMO_PROMPT!r})")
+    ap.add_argument("--prompt", help=f"the user's question (demo default: {SAMPLE_PROMPT!r})")
     ap.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     ap.add_argument("--video", help="video file, animated GIF/WebP, or a directory of frames")
     ap.add_argument("--system", help="system prompt (default: the chat template's)")
@@ -66,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.checkpoint is None:  # the bundled demo: its model, its sample picture, boxes drawn
         args.checkpoint = str(DEMO_MODEL)
         if args.prompt is None and not args.image and not args.video:
-            args.prompt, args.image = DEMO_PROMPT, [str(DEMO_IMAGE)]
+            args.prompt, args.image = SAMPLE_PROMPT, [str(SAMPLE_IMAGE)]
             args.draw = args.draw or DEMO_DRAW
             args.max_new_tokens = min(args.max_new_tokens, 128)
     if args.prompt is None:

@@ -65,7 +65,7 @@ import optax
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from qwenvl_jax.cli import user_error
+from qwenvl_jax.cli import DefaultsHelpFormatter, user_error
 from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.sharding import DEFAULT_RULES, MESH_AXES, Layout, MeshConfig, MeshError, spec_axes
 
@@ -513,7 +513,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = _Parser(prog="python -m qwenvl_jax.plan", description=__doc__.split("\n\n")[0])
+    ap = _Parser(prog="python -m qwenvl_jax.plan", description=__doc__.split("\n\n")[0],
+                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--model", required=True, help="preset: 3b, 7b, 32b, 72b, tiny, or a YAML path")
     ap.add_argument("--mesh", required=True, metavar="data=A,fsdp=B,tensor=C",
                     help="mesh sizes; one may be -1 (then --devices is required)")

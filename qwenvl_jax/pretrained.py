@@ -2,7 +2,7 @@
 
     model = qwenvl_jax.load_pretrained("Qwen2.5-VL-7B-Instruct", dtype="bfloat16")
     logits = model(**processor(text=..., images=[...]))   # [B, L, vocab]
-    model.save_pretrained("out/")                          # HF safetensors + config.json
+    model.save_pretrained("out/")    # HF safetensors + config.json + the source's tokenizer/processor files
 
 The NNX module is split once into (graphdef, params); the jitted forward is a pure function of
 params and inputs and merges inside. With `mesh=` the params live sharded over the mesh (see
@@ -39,12 +39,18 @@ def resolve_dtype(dtype):
 
 
 class PretrainedModel:
-    """Qwen2.5-VL with its params. `model(**batch)` returns logits [B, L, vocab]."""
+    """Qwen2.5-VL with its params. `model(**batch)` returns logits [B, L, vocab].
 
-    def __init__(self, config: Qwen25VLConfig, graphdef, params, layout: Layout | None = None):
+    source_dir: the checkpoint (or tokenizer) directory the model came from, if any; save_pretrained
+    copies its tokenizer, processor and generation files next to the weights.
+    """
+
+    def __init__(self, config: Qwen25VLConfig, graphdef, params, layout: Layout | None = None,
+                 source_dir: str | Path | None = None):
         self.config = config
         self.graphdef = graphdef
         self.params = params
+        self.source_dir = None if source_dir is None else Path(source_dir)
         self.layout = (layout or Layout.create()).for_model(config)
         self.param_shardings = param_shardings(params, self.layout)
 
@@ -76,12 +82,21 @@ class PretrainedModel:
         return _forward_fn(self.graphdef, lay, in_shardings, out)(self.params, *args)
 
     def save_pretrained(self, out_dir: str | Path, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30,
-                        gather_bytes: int = GATHER_BYTES) -> Path:
-        """HF safetensors checkpoint that transformers loads; dtype defaults to the params' dtype.
-        With several processes every one calls it (tensors are gathered in blocks of at most
-        `gather_bytes`); process 0 writes."""
+                        gather_bytes: int = GATHER_BYTES, side_files_from: str | Path | None = None) -> Path:
+        """A complete HF checkpoint that transformers, vLLM and `python -m qwenvl_jax.infer` load:
+        safetensors (+ index when sharded) and config.json, plus the tokenizer, chat template,
+        processor and generation files (weights.export.SIDE_FILES) that `side_files_from` or else
+        the model's `source_dir` (the directory load_pretrained read) holds. dtype defaults to the
+        params' dtype.
+
+        A model with neither (init_model without side_files_from) gets weights and config.json
+        only: no tokenizer, chat template, preprocessor_config.json or generation_config.json, so
+        processors (ours, transformers' AutoProcessor) cannot load from out_dir until they are
+        added. With several processes every one calls it (tensors are gathered in blocks of at
+        most `gather_bytes`); process 0 writes, side files included."""
         return save_hf_checkpoint(out_dir, self.params, self.config, dtype=dtype,
-                                  max_shard_bytes=max_shard_bytes, gather_bytes=gather_bytes)
+                                  max_shard_bytes=max_shard_bytes, gather_bytes=gather_bytes,
+                                  side_files_from=side_files_from or self.source_dir)
 
 
 BATCH = ("batch", "length")
@@ -147,12 +162,13 @@ def load_pretrained(path: str | Path, dtype="bfloat16", mesh=None, rules=None,
     dt = resolve_dtype(dtype)
     layout = make_layout(mesh, rules).for_model(config)
     graphdef, params = load_params(path, config, param_dtype=dt, layout=layout)
-    return PretrainedModel(config, graphdef, params, layout)
+    return PretrainedModel(config, graphdef, params, layout, source_dir=path)
 
 
 def init_model(config: Qwen25VLConfig, seed: int = 0, dtype="float32", mesh=None, rules=None,
                attention_impl: str | None = None) -> PretrainedModel:
-    """Randomly initialised model (tests, training from scratch), created in its shards."""
+    """Randomly initialised model (tests, training from scratch), created in its shards; it has no
+    source_dir (pass save_pretrained a side_files_from for a complete checkpoint)."""
     config = with_attention_impl(config, attention_impl)
     layout = make_layout(mesh, rules).for_model(config)
 

@@ -129,7 +129,7 @@ def test_video_greedy_matches_reference(chat_checkpoint, tmp_path, capsys):
 
 
 def test_no_arguments_without_the_bundled_model(capsys, monkeypatch, tmp_path):
-    """With no arguments infer uses the bundled demo model; while it is not shipped that is one
+    """With no arguments infer uses the bundled demo model; an install that lost its files gets one
     clear error line, not a traceback."""
     import qwenvl_jax.infer as infer
 

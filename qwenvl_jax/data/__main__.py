@@ -14,30 +14,32 @@ import json
 import sys
 import time
 
-from qwenvl_jax.cli import user_error
+from qwenvl_jax.cli import DefaultsHelpFormatter, user_error
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m qwenvl_jax.data", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_jax.data", description=__doc__.split("\n\n")[0],
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="HF checkpoint dir (tokenizer, template, processor config)")
     ap.add_argument("--data", required=True, help="JSONL or ArrayRecord file")
-    ap.add_argument("--data-root", help="directory that relative image/video paths start from (default: --data's)")
-    ap.add_argument("--seq-len", type=int, default=8192)
-    ap.add_argument("--patch-budget", type=int)
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--max-pixels", type=int)
-    ap.add_argument("--packer", default="first_fit", choices=["first_fit", "best_fit"])
-    ap.add_argument("--workers", type=int, default=0)
-    ap.add_argument("--on-bad-sample", default="skip", choices=["skip", "raise"])
+    ap.add_argument("--data-root", metavar="DIR",
+                    help="directory relative image/video paths in --data resolve against (default: --data's directory)")
+    ap.add_argument("--seq-len", type=int, default=8192, help="text tokens per packed row")
+    ap.add_argument("--patch-budget", type=int, help="ViT patches per row (default: 2 x --seq-len)")
+    ap.add_argument("--batch-size", type=int, default=1, help="rows per batch")
+    ap.add_argument("--max-pixels", type=int, help="per-image pixel cap (default: the checkpoint's)")
+    ap.add_argument("--packer", default="first_fit", choices=["first_fit", "best_fit"], help="packing algorithm")
+    ap.add_argument("--workers", type=int, default=0, help="grain worker processes (0: read in this process)")
+    ap.add_argument("--on-bad-sample", default="skip", choices=["skip", "raise"],
+                    help="skip: count a bad sample and go on; raise: stop at the first")
     ap.add_argument("--stats", action="store_true", help="print the statistics line (the default action)")
     return ap.parse_args(argv)
 
 
 def run(args) -> dict:
-    from pathlib import Path
-
     from qwenvl_jax.config import Qwen25VLConfig
     from qwenvl_jax.data.pipeline import DataConfig, SampleEncoder, make_dataset, open_source, skip_report
+    from qwenvl_jax.data.sources import resolve_data_root
     from qwenvl_jax.processing.processor import Processor
 
     config = Qwen25VLConfig.from_hf_file(args.checkpoint)
@@ -46,7 +48,7 @@ def run(args) -> dict:
                       max_pixels=args.max_pixels, packer=args.packer, workers=args.workers,
                       on_bad_sample=args.on_bad_sample, shuffle=False)
     source = open_source(args.data)
-    root = args.data_root or str(Path(args.data).resolve().parent)
+    root = resolve_data_root(args.data, args.data_root)
     ds = make_dataset(source, SampleEncoder(processor, config, data, data_root=root), config, data)
     patches, _ = data.budgets(config.vision.window_patches)
     t = time.perf_counter()

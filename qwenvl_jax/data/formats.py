@@ -201,7 +201,9 @@ def _parse(record, resolve: Callable[[str, str], object]) -> list[dict]:
 def parse_record(record: dict, data_root=None, *, media: Mapping[str, bytes] | None = None) -> Conversation:
     """A JSON record -> Conversation. Raises DataError (bad_format, or missing_* when `media` lacks a file).
 
-    Media paths are joined to `data_root` (the current directory when None); absolute paths are kept.
+    Relative media paths are joined to `data_root`; absolute paths are kept. For a record read from a
+    data file, data_root is `sources.resolve_data_root(file)`: the file's directory unless a root is
+    given explicitly (the pipeline and the CLIs do this). None: the current directory.
     Files are not opened here, so a missing one surfaces as missing_image/missing_video when loaded.
     `media` (from an ArrayRecord) maps each reference as written in the record to the file's bytes;
     the values are then MediaBlobs and `data_root` is unused.

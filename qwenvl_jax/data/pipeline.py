@@ -14,7 +14,9 @@ whatever the worker count, and survive checkpoint/resume with the iterator state
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -23,7 +25,7 @@ import numpy as np
 
 from qwenvl_jax.config import ConfigError, Qwen25VLConfig
 from qwenvl_jax.data.formats import BAD_FORMAT, REASONS, TOO_LONG, DataError, assistant_labels
-from qwenvl_jax.data.sources import ArrayRecordSource, JsonlSource, open_media, to_conversation
+from qwenvl_jax.data.sources import ArrayRecordSource, JsonlSource, open_media, resolve_data_root, to_conversation
 from qwenvl_jax.model.vision_layout import VisionInputs, empty_row, pad_row, vision_inputs, window_index
 from qwenvl_jax.processing.image import CLIP_MEAN, CLIP_STD
 from qwenvl_jax.processing.rope_index import get_rope_index
@@ -77,6 +79,7 @@ class DataConfig:
 
 
 def open_source(path: str | Path):
+    """A .jsonl/.json file -> JsonlSource; anything else -> ArrayRecordSource."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found")
@@ -87,11 +90,16 @@ def open_source(path: str | Path):
 
 class SampleEncoder:
     """raw record -> dict of per-sample numpy features (or a skip sample). Picklable: it runs in
-    grain worker processes."""
+    grain worker processes.
+
+    data_root: the directory relative image/video paths resolve against. None: make_dataset uses
+    the JSONL file's own directory (`resolve_data_root`); called directly on a record, the current
+    directory.
+    """
 
     def __init__(self, processor, config: Qwen25VLConfig, data: DataConfig, data_root=None):
         self.processor, self.config, self.data = processor, config, data
-        self.data_root = None if data_root is None else str(data_root)
+        self.data_root = None if data_root is None else os.path.abspath(os.fspath(data_root))
         self.patch_budget, self.slot_budget = data.budgets(config.vision.window_patches)
         self.item_slots = data.item_slots(config.vision.window_patches)
         for name in ("image_token_id", "video_token_id"):
@@ -103,6 +111,14 @@ class SampleEncoder:
         self.assistant_prefix = tok.encode("assistant\n")
         # uint8 patches normalized on device need the CLIP constants the model uses.
         self.raw_pixels = (tuple(processor.image_mean), tuple(processor.image_std)) == (CLIP_MEAN, CLIP_STD)
+
+    def for_source(self, source) -> SampleEncoder:
+        """This encoder, or a copy whose data_root is the JSONL source's directory when none was given."""
+        if self.data_root is not None or not isinstance(source, JsonlSource):
+            return self
+        encoder = copy.copy(self)
+        encoder.data_root = resolve_data_root(source.path)
+        return encoder
 
     def __call__(self, raw) -> dict:
         try:
@@ -227,9 +243,12 @@ def record_order(source, data: DataConfig, process_index: int = 0, process_count
 def make_dataset(source, encoder: SampleEncoder, config: Qwen25VLConfig, data: DataConfig, *,
                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """The whole pipeline as a grain IterDataset of batches (dicts of numpy arrays, leading dim
-    data.batch_size). Each process reads every process_count-th record of the shuffled order."""
+    data.batch_size). Each process reads every process_count-th record of the shuffled order.
+    Relative media paths resolve against encoder.data_root, or when it is None the JSONL file's
+    directory."""
     data.validate()
     patches, slots = data.budgets(config.vision.window_patches)
+    encoder = encoder.for_source(source)
     ds = record_order(source, data, process_index, process_count).map(encoder).to_iter_dataset()
     length = {"input_ids": data.seq_len, "labels": data.seq_len, "positions": data.seq_len,
               "vision_token_index": data.seq_len, "patches": patches, "grids": data.max_items,

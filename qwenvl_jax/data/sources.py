@@ -4,8 +4,8 @@ Sources return raw bytes and never parse: a malformed record must become a count
 the transform, not an exception inside grain's reader. `to_conversation` turns either source's
 bytes into a Conversation, and `open_media` loads its images and videos.
 
-    source = JsonlSource("train.jsonl")                  # or ArrayRecordSource("train.arrayrecord")
-    conversation = to_conversation(source[i], data_root="/data")
+    source = JsonlSource("data/train.jsonl")             # or ArrayRecordSource("train.arrayrecord")
+    conversation = to_conversation(source[i], resolve_data_root(source.path))  # media under data/
     media = open_media(conversation)
     batch = processor(text=..., images=media.images or None, videos=media.videos or None, fps=media.fps)
 """
@@ -18,6 +18,8 @@ import operator
 import os
 import struct
 import tempfile
+import threading
+import weakref
 from pathlib import Path
 from typing import NamedTuple
 
@@ -50,8 +52,14 @@ class JsonlSource:
     """A JSONL file as a grain random-access source: item i is the i-th non-blank line, as bytes.
 
     Line byte offsets are found by one scan at construction; pickling (for grain worker processes)
-    carries only the path and the offsets, and each process opens the file on first read.
+    carries only the path and the offsets, and each process opens the file on first read. The
+    file descriptor is closed by `close()`, or by a weakref.finalize when the source is garbage
+    collected or, at the latest, when the interpreter exits (before modules are torn down, so no
+    "Exception ignored in __del__" at exit). Relative media paths in the file resolve against
+    `resolve_data_root(source.path)`: the file's directory.
     """
+
+    _open_lock = threading.Lock()  # one descriptor per source even if threads race to the first read
 
     def __init__(self, path):
         self.path = os.fspath(path)
@@ -64,6 +72,7 @@ class JsonlSource:
                 pos += len(line)
         self._spans = np.stack([np.asarray(starts, np.int64), np.asarray(ends, np.int64)], axis=1)  # [N, 2]
         self._fd = None
+        self._closer = None
 
     def __len__(self) -> int:
         return len(self._spans)
@@ -73,22 +82,44 @@ class JsonlSource:
         if not -len(self) <= i < len(self):
             raise IndexError(f"record {i} out of range for {len(self)} records in {self.path}")
         start, end = self._spans[i].tolist()
+        return os.pread(self._descriptor(), end - start, start)  # positionless read: safe across threads
+
+    def _descriptor(self) -> int:
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        return os.pread(self._fd, end - start, start)  # positionless read: safe across threads
+            with self._open_lock:
+                if self._fd is None:
+                    fd = os.open(self.path, os.O_RDONLY)
+                    # The finalizer holds os.close itself, not this module's globals.
+                    self._closer = weakref.finalize(self, os.close, fd)
+                    self._fd = fd
+        return self._fd
+
+    def close(self) -> None:
+        """Closes the file now (a later read reopens it)."""
+        closer, self._fd, self._closer = self._closer, None, None
+        if closer is not None:
+            closer()
 
     def __getstate__(self):
         return {"path": self.path, "_spans": self._spans, "_fd": None}
 
-    def __del__(self):
-        if getattr(self, "_fd", None) is not None:
-            try:
-                os.close(self._fd)
-            except (OSError, TypeError):  # at interpreter exit `os` may already be torn down
-                pass
+    def __setstate__(self, state):
+        self.__dict__.update(state, _fd=None, _closer=None)
 
     def __repr__(self) -> str:
         return f"JsonlSource({self.path!r}, records={len(self)})"
+
+
+def resolve_data_root(data_path, data_root=None) -> str:
+    """The directory that relative image/video paths inside the data file `data_path` resolve against.
+
+    The one rule, used by the pipeline, write_array_record and every CLI: `data_root` when given
+    (made absolute against the current directory), else the directory holding the data file
+    (symlinks followed). Absolute media paths are used as written either way.
+    """
+    if data_root is not None:
+        return os.path.abspath(os.fspath(data_root))
+    return os.path.dirname(os.path.realpath(os.fspath(data_path)))
 
 
 def parse_line(line: bytes | str) -> dict:
@@ -135,16 +166,19 @@ def decode_record(blob: bytes) -> tuple[dict, dict[str, bytes]]:
 def write_array_record(jsonl_path, out_path, data_root=None) -> dict[str, int]:
     """JSONL -> ArrayRecord file whose records embed every referenced image/video file's bytes.
 
-    Training then reads one file sequence instead of many small files under data_root. Nothing
-    aborts the conversion: a missing file (or a frame directory, which is not one file) is noted in
-    its record, which then fails with missing_image/missing_video when read; records that do not
-    parse are left out. Returns counts: records, images, videos, and one per skip reason met.
+    Relative media paths resolve against `resolve_data_root(jsonl_path, data_root)`: data_root when
+    given, else the JSONL file's directory. Training then reads one file sequence instead of many
+    small media files, and needs no data root. Nothing aborts the conversion: a missing file (or a
+    frame directory, which is not one file) is noted in its record, which then fails with
+    missing_image/missing_video when read; records that do not parse are left out. Returns counts:
+    records, images, videos, and one per skip reason met.
     The file is written to out_path + ".tmp" and renamed, so a crash leaves no partial output.
     """
     from array_record.python.array_record_module import ArrayRecordWriter
 
     counts = {"records": 0, "images": 0, "videos": 0}
     source, out = JsonlSource(jsonl_path), os.fspath(out_path)
+    root = resolve_data_root(jsonl_path, data_root)
     writer = ArrayRecordWriter(out + ".tmp", "group_size:1")  # one record per chunk: cheap random access
     try:
         for i in range(len(source)):
@@ -158,7 +192,7 @@ def write_array_record(jsonl_path, out_path, data_root=None) -> dict[str, int]:
             for kind, ref in refs:
                 if ref in media or ref in missing:
                     continue
-                path = Path(data_root, ref) if data_root is not None else Path(ref)
+                path = Path(root, ref)  # an absolute ref stays as it is
                 if path.is_file():
                     media[ref] = path.read_bytes()
                     counts[kind + "s"] += 1
@@ -172,6 +206,8 @@ def write_array_record(jsonl_path, out_path, data_root=None) -> dict[str, int]:
         writer.close()
         os.unlink(out + ".tmp")
         raise
+    finally:
+        source.close()
     writer.close()
     os.replace(out + ".tmp", out)
     return counts
@@ -203,7 +239,12 @@ class ArrayRecordSource:
 
 
 def to_conversation(raw: bytes | str, data_root=None) -> Conversation:
-    """A source item (JSONL line or ArrayRecord payload) -> Conversation; raises DataError."""
+    """A source item (JSONL line or ArrayRecord payload) -> Conversation; raises DataError.
+
+    A line knows nothing of its file: pass `resolve_data_root(path, ...)` of the file it came from
+    as data_root (None joins relative media paths to the current directory). ArrayRecord payloads
+    carry their media, so data_root is unused for them.
+    """
     if isinstance(raw, (bytes, bytearray, memoryview)) and bytes(raw[:len(MAGIC)]) == MAGIC:
         record, media = decode_record(raw)
         return parse_record(record, media=media)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from qwenvl_jax.cli import DefaultsHelpFormatter
 from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.processing import tiny_tokenizer
 from qwenvl_jax.processing.image import smart_resize
@@ -134,9 +135,28 @@ def _count(rng, shapes):
     ref = shapes[int(rng.integers(len(shapes)))]
     kind = int(rng.integers(4))
     color, shape = (ref["color"] if kind in (1, 3) else None), (ref["shape"] if kind in (2, 3) else None)
+    return _count_of(shapes, color, shape)
+
+
+def _count_of(shapes, color=None, shape=None):
+    """("How many ... are there?", answer) for shapes of one colour and/or kind (None: any)."""
     n = sum((color is None or s["color"] == color) and (shape is None or s["shape"] == shape) for s in shapes)
     what = " ".join(p for p in (color, _plural(shape) if shape else "shapes") if p)
     return f"How many {what} are there?", str(n)
+
+
+def question_form(question: str) -> str:
+    """The form of a make_data question, for per-form scores: count_all, count_color, count_kind,
+    count_color_kind, color, kind, ground or detect."""
+    if question.startswith("How many "):
+        words = question.removeprefix("How many ").removesuffix(" are there?").split()
+        return "count_" + ("all" if words == ["shapes"] else "color" if words[-1] == "shapes"
+                           else "color_kind" if len(words) == 2 else "kind")
+    if question.startswith("What color"):
+        return "color"
+    if question.startswith("What shape"):
+        return "kind"
+    return "detect" if question == "Locate every shape." else "ground"
 
 
 ATTRIBUTES = {"both": ("color", "shape"), "color": ("color",), "kind": ("shape",)}  # what is asked
@@ -187,7 +207,7 @@ def _question(rng, task: str, shapes, original_hw, resized_hw, attributes: str =
     else:
         meta["task"] = "count"
         q, a = _count(rng, shapes)
-    meta["answer"] = a
+    meta["answer"], meta["form"] = a, question_form(q)
     return q, a, meta
 
 
@@ -260,7 +280,66 @@ def make_dataset(out_dir, n: int, seed: int = 0, name: str = "train.jsonl", mix=
         tasks = [TASKS[int(k)] for k in rng.choice(len(p), size=turns, p=p / p.sum())]
         record = {"id": f"{stem}-{i}", **make_record(rng, tasks, drawn, rel, original, resized, attributes)}
         lines.append(json.dumps(record, separators=(",", ":")) + "\n")
-    path = out / name
+    return _write_lines(out / name, lines)
+
+
+# ------------------------------------------------------------------------------------------ the bundled recipe
+
+# What the bundled demo model is trained on and scored on (configs/demo_*.yaml): each record is one
+# question about a fresh picture; its form decides how many shapes the picture holds. Only questions
+# that need no choosing among shapes: "which shape does the question name?" is what a model this
+# size does not learn on a CPU budget (docs/demo_model.md), so colour, kind and grounding are asked
+# about one-shape pictures and counting is of every shape.
+BUNDLED_SHAPES = {"ground": (1, 1), "color": (1, 1), "kind": (1, 1), "count_all": (1, 5)}
+BUNDLED_WEIGHTS = (0.35, 0.1, 0.25, 0.3)  # grounding needs the most steps, colour the fewest
+
+
+def _bundled_question(rng, form: str, shapes, original_hw, resized_hw) -> tuple[str, str, dict]:
+    meta = {"task": {"ground": "ground", "count_all": "count"}.get(form, "attribute"), "form": form}
+    ref = shapes[0]
+    if form == "ground":
+        q, a, meta["boxes_resized"] = _ground(rng, shapes, original_hw, resized_hw)
+    elif form == "color":
+        q, a = f"What color is the {ref['shape']}?", ref["color"]
+    elif form == "kind":
+        q, a = f"What shape is the {ref['color']} object?", ref["shape"]
+    else:
+        q, a = _count_of(shapes)
+    meta["answer"] = a
+    return q, a, meta
+
+
+def make_bundled_dataset(out_dir, n: int, seed: int = 0, name: str = "train.jsonl", weights=BUNDLED_WEIGHTS,
+                         min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> Path:
+    """The bundled model's data: n one-question records, forms drawn with `weights` (ground, color,
+    kind, count_all; see BUNDLED_SHAPES); images under out_dir/images/<stem>_NNNNN.png."""
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    w = np.asarray(weights, float)
+    if w.shape != (len(BUNDLED_SHAPES),) or (w < 0).any() or w.sum() <= 0 or not np.isfinite(w).all():
+        raise ValueError(f"--weights must be {len(BUNDLED_SHAPES)} non-negative weights "
+                         f"({','.join(BUNDLED_SHAPES)}), got {weights}")
+    forms = list(BUNDLED_SHAPES)
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    stem, rng = Path(name).stem, np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        form = forms[int(rng.choice(len(forms), p=w / w.sum()))]
+        img, shapes = draw_scene(rng, BUNDLED_SHAPES[form])
+        rel = f"images/{stem}_{i:05d}.png"
+        img.save(out / rel, format="PNG", compress_level=1)
+        original = (img.height, img.width)
+        resized = smart_resize(*original, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
+        q, a, meta = _bundled_question(rng, form, shapes, original, resized)
+        meta.update(original_hw=list(original), resized_hw=list(resized), shapes=shapes)
+        conversations = [{"from": "human", "value": f"<image>{q}"}, {"from": "gpt", "value": a}]
+        lines.append(json.dumps({"id": f"{stem}-{i}", "image": rel, "conversations": conversations, "meta": meta},
+                                separators=(",", ":")) + "\n")
+    return _write_lines(out / name, lines)
+
+
+def _write_lines(path: Path, lines: list[str]) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(lines))
     tmp.replace(path)
@@ -317,7 +396,8 @@ def write_generation_config(out_dir, ids: dict[str, int]) -> Path:
 # ------------------------------------------------------------------------------------------ CLI
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m qwenvl_jax.demo.make_data", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_jax.demo.make_data", description=__doc__.split("\n\n")[0],
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory (JSONL, images/, tokenizer)")
     ap.add_argument("--n", type=int, default=1000, help="number of records")
     ap.add_argument("--seed", type=int, default=0)
@@ -334,6 +414,11 @@ def main(argv=None) -> int:
     ap.add_argument("--attributes", default="both",
                     help="attribute questions asked: both, color ('What color is the square?') or kind "
                          "('What shape is the red object?')")
+    ap.add_argument("--recipe", choices=["bundled"],
+                    help="bundled: the bundled demo model's questions (one-shape grounding, colour and kind; "
+                         "counting every shape of 1-5); --mix/--shapes/--turns/--repeat/--attributes are then unused")
+    ap.add_argument("--weights", default=",".join(map(str, BUNDLED_WEIGHTS)),
+                    help="with --recipe bundled: weights of " + ",".join(BUNDLED_SHAPES))
     ap.add_argument("--no-tokenizer", action="store_true", help="skip the tokenizer/preprocessor files")
     args = ap.parse_args(argv)
     try:
@@ -342,9 +427,13 @@ def main(argv=None) -> int:
         if len(shapes) != 2 or not all(v.strip().isdigit() for v in shapes):
             raise ValueError(f"--shapes must be MIN,MAX (two integers), got {args.shapes!r}")
         t = time.perf_counter()
-        path = make_dataset(args.out, args.n, args.seed, args.name, mix, args.min_pixels, args.max_pixels,
-                            args.per_image, args.turns, tuple(int(v) for v in shapes), args.repeat,
-                            args.attributes)
+        if args.recipe == "bundled":
+            path = make_bundled_dataset(args.out, args.n, args.seed, args.name,
+                                        [float(v) for v in args.weights.split(",")], args.min_pixels, args.max_pixels)
+        else:
+            path = make_dataset(args.out, args.n, args.seed, args.name, mix, args.min_pixels, args.max_pixels,
+                                args.per_image, args.turns, tuple(int(v) for v in shapes), args.repeat,
+                                args.attributes)
         if not args.no_tokenizer:
             ids = write_demo_tokenizer(args.out)
             tiny_tokenizer.write_preprocessor_config(args.out, args.min_pixels, args.max_pixels)

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from qwenvl_jax.cli import user_error
+from qwenvl_jax.cli import DefaultsHelpFormatter, user_error
+from qwenvl_jax.data.sources import resolve_data_root
 
 
 def answer_logprobs(model, processor, messages: list[dict], answer: str, images: list) -> tuple[np.ndarray, np.ndarray]:
@@ -144,9 +145,11 @@ def embedding_stats(model, batch: dict, image_token_id: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m qwenvl_jax.demo.probe", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_jax.demo.probe", description=__doc__.split("\n\n")[0],
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="HF Qwen2.5-VL checkpoint directory (with tokenizer)")
     ap.add_argument("--data", required=True, help="JSONL with meta (make_data's format)")
+    ap.add_argument("--data-root", help="resolve relative media paths against this directory (default: --data's)")
     ap.add_argument("--limit", type=int, default=60, help="first N records")
     ap.add_argument("--dtype", default="float32", choices=("bfloat16", "float32"))
     args = ap.parse_args(argv)
@@ -161,7 +164,7 @@ def main(argv=None) -> int:
         checkpoint = Path(args.checkpoint)
         if not (checkpoint / "config.json").is_file():
             raise FileNotFoundError(f"{checkpoint} is not a checkpoint directory (no config.json)")
-        root = Path(args.data).resolve().parent
+        root = resolve_data_root(args.data, args.data_root)
         records = load_records(args.data, args.limit)
         processor = Processor.from_pretrained(checkpoint)
         model = load_pretrained(checkpoint, dtype=args.dtype)

@@ -6,8 +6,9 @@
         mesh=data=1,fsdp=-1,tensor=4 --export-hf runs/sft/hf
 
 Overrides are dotted KEY=VALUE pairs (values parsed as YAML). Progress goes to stderr, one JSON
-line per step to output_dir/metrics.jsonl; checkpoints to output_dir/checkpoints (a restarted
-run resumes from the latest). Multi-host: the same command on every host, plus --distributed.
+line per step to output_dir/metrics.jsonl, the last step's line to stdout (nothing when a resumed
+run had no step left); checkpoints to output_dir/checkpoints (a restarted run resumes from the
+latest). Multi-host: the same command on every host, plus --distributed.
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ import json
 import sys
 
 from qwenvl_jax import distributed
-from qwenvl_jax.cli import user_error
+from qwenvl_jax.cli import DefaultsHelpFormatter, user_error
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m qwenvl_jax.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", help="training YAML (configs/train/*.yaml)")
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_jax.train", description=__doc__.split("\n\n")[0],
+                                 formatter_class=DefaultsHelpFormatter)
+    ap.add_argument("--config", help="training YAML (configs/train/*.yaml; default: the built-in defaults, "
+                                     "a tiny model on generated data)")
     ap.add_argument("--export-hf", metavar="DIR", help="write the final params as an HF checkpoint")
-    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="dotted config overrides, e.g. train.steps=100 data.path=train.jsonl data.root=/data/media")
     distributed.add_arguments(ap)
     return ap.parse_args(argv)
 
@@ -43,7 +47,7 @@ def main(argv=None) -> int:
         result = run(cfg)
     except (ValueError, OSError) as e:  # config / data / checkpoint errors: one line
         return user_error(e)
-    if distributed.is_main_process():
+    if result and distributed.is_main_process():  # {}: no step ran (resumed at train.steps)
         print(json.dumps(result))
     return 0
 

@@ -42,7 +42,11 @@ class ModelSpec:
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
     path: str = "synthetic"  # JSONL / ArrayRecord file, or "synthetic" (generated tiny dataset)
-    root: str | None = None  # media paths are relative to this (default: the data file's directory)
+    # data.root: the directory relative image/video paths inside the data file resolve against
+    # (a relative root is taken from the current directory). None: the data file's own directory,
+    # wherever training is started from. Absolute media paths are used as written; ArrayRecord
+    # files carry their media and need none. Command-line tools that take a data file spell it --data-root.
+    root: str | None = None
     config: DataConfig = DataConfig(epochs=None)
 
 

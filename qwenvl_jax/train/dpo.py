@@ -20,6 +20,7 @@ model on it as on an SFT batch and gets per-answer log-probs from `sequence_logp
 
 from __future__ import annotations
 
+import copy
 import json
 
 import jax
@@ -97,6 +98,15 @@ class PairEncoder:
     def __init__(self, processor, config: Qwen25VLConfig, seq_len: int, data_root=None, **data_options):
         self.data = DataConfig(seq_len=seq_len, shuffle=False, on_bad_sample="raise", **data_options)
         self.encoder = SampleEncoder(processor, config, self.data, data_root=data_root)
+
+    def for_source(self, source) -> PairEncoder:
+        """As SampleEncoder.for_source: media resolve against the JSONL's directory unless data_root was given."""
+        encoder = self.encoder.for_source(source)
+        if encoder is self.encoder:
+            return self
+        pairs = copy.copy(self)
+        pairs.encoder = encoder
+        return pairs
 
     def __call__(self, record: dict) -> tuple[dict, dict]:
         if not isinstance(record, dict):
@@ -184,8 +194,10 @@ class _EncodeOrSkip:
 def make_pair_dataset(source, encoder: PairEncoder, config: Qwen25VLConfig, data: DataConfig, *,
                       process_index: int = 0, process_count: int = 1):
     """DPO pairs as a grain IterDataset of pair batches (2 x data.batch_size rows), shuffled and
-    sharded like the SFT pipeline; checkpointable the same way. Bad records are dropped."""
+    sharded like the SFT pipeline; checkpointable the same way. Bad records are dropped. Relative
+    media paths resolve as in make_dataset (encoder's data_root, else the JSONL file's directory)."""
     patches, slots = data.budgets(config.vision.window_patches)
+    encoder = encoder.for_source(source)
     ds = record_order(source, data, process_index, process_count).map(_EncodeOrSkip(encoder))
     ds = ds.to_iter_dataset().filter(lambda x: x is not None)
     return ds.batch(data.batch_size, drop_remainder=True,

@@ -24,6 +24,7 @@ from flax import nnx
 from qwenvl_jax import distributed
 from qwenvl_jax.config import ConfigError, Qwen25VLConfig
 from qwenvl_jax.data.pipeline import SampleEncoder, make_dataset, open_source, skip_report
+from qwenvl_jax.data.sources import resolve_data_root
 from qwenvl_jax.flops import PEAK_BF16_TFLOPS, train_flops_per_token, vision_flops_per_patch
 from qwenvl_jax.model.qwen25vl import Qwen25VL
 from qwenvl_jax.pretrained import resolve_dtype, with_attention_impl
@@ -32,7 +33,7 @@ from qwenvl_jax.sharding import Layout, param_shardings
 from qwenvl_jax.train import step as steplib
 from qwenvl_jax.train.config import TrainConfig
 from qwenvl_jax.train.synthetic import write_synthetic_dataset
-from qwenvl_jax.weights.export import copy_side_files, save_hf_checkpoint
+from qwenvl_jax.weights.export import save_hf_checkpoint
 from qwenvl_jax.weights.load import abstract_model, load_params
 
 
@@ -56,7 +57,7 @@ def say(*args, **kwargs):
 
 
 def _model_and_tokenizer(cfg: TrainConfig, out: Path):
-    """(model config, tokenizer directory, data file, data root)."""
+    """(model config, tokenizer directory, data file, data root: data.root, else the data file's directory)."""
     data_path, root = cfg.data.path, cfg.data.root
     tokenizer = cfg.model.tokenizer or cfg.model.init_from
     if data_path == "synthetic":
@@ -78,7 +79,7 @@ def _model_and_tokenizer(cfg: TrainConfig, out: Path):
                   vision_end_token_id=tok.tokenizer.token_to_id("<|vision_end|>"))
         config = Qwen25VLConfig.from_hf_dict(hf)
     config = with_attention_impl(config, cfg.model.attention_impl)
-    return config, tokenizer, data_path, root or str(Path(data_path).resolve().parent)
+    return config, tokenizer, data_path, resolve_data_root(data_path, root)
 
 
 def _sync(name: str):
@@ -89,6 +90,9 @@ def _sync(name: str):
 
 
 def run(cfg: TrainConfig) -> dict:
+    """Trains from scratch, from model.init_from, or on from the latest checkpoint up to train.steps.
+    Returns the metrics of the last step this call ran (with "stopped" when it stopped early); {}
+    when it ran none (resumed from a checkpoint at train.steps: only the export, if any, is done)."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     layout = Layout.create(cfg.mesh or "data=1,fsdp=-1,tensor=1")
@@ -151,6 +155,8 @@ def run(cfg: TrainConfig) -> dict:
             state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(iterator)))
         state = restored["state"]
         say(f"resumed from step {start} ({out / 'checkpoints'})", file=sys.stderr)
+        if start >= t.steps:
+            say(f"train.steps={t.steps} already done: no step to run", file=sys.stderr)
 
     _, slots = data.budgets(config.vision.window_patches)
     step_cfg = steplib.StepConfig(groups=cfg.trainable, remat=t.remat, window_len=config.vision.window_patches,
@@ -215,9 +221,8 @@ def run(cfg: TrainConfig) -> dict:
         mngr.wait_until_finished()
         if cfg.export_hf:
             params = nnx.merge(graphdef, state.params)
-            save_hf_checkpoint(cfg.export_hf, nnx.state(params), config)  # every process joins; process 0 writes
-            if distributed.is_main_process():
-                copy_side_files(tokenizer_dir, cfg.export_hf)  # tokenizer, template, processor: a complete checkpoint
+            # every process joins; process 0 writes, with the tokenizer, template and processor: a complete checkpoint
+            save_hf_checkpoint(cfg.export_hf, nnx.state(params), config, side_files_from=tokenizer_dir)
             say(f"exported HF checkpoint to {cfg.export_hf}", file=sys.stderr)
         return last
     finally:

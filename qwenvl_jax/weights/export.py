@@ -1,4 +1,5 @@
-"""Write our params as an HF checkpoint: safetensors shards + index, config.json.
+"""Write our params as an HF checkpoint: safetensors shards + index, config.json, and (copied from
+a source checkpoint or tokenizer directory) the tokenizer, processor and generation files.
 
 transformers (4.x and 5.x) and vLLM load the result; names and layouts are those of the published
 checkpoints. Tensors are converted one at a time while a shard is filled.
@@ -31,11 +32,14 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.t
 
 
 def copy_side_files(src: str | Path, out: str | Path) -> list[str]:
-    """Copies the SIDE_FILES that exist in src to out; returns their names."""
+    """Copies the SIDE_FILES that exist in src to out; returns their names (nothing is copied when
+    src and out are the same directory: the files are already there)."""
     import shutil
 
     src, out = Path(src), Path(out)
     copied = [n for n in SIDE_FILES if (src / n).is_file()]
+    if out.resolve() == src.resolve():
+        return copied
     for name in copied:
         shutil.copy2(src / name, out / name)
     return copied
@@ -84,11 +88,14 @@ def hf_tensors(state, config: Qwen25VLConfig, dtype=None, gather_bytes: int = GA
 
 
 def save_hf_checkpoint(out_dir: str | Path, state, config: Qwen25VLConfig, *, dtype: str | None = None,
-                       max_shard_bytes: int = 5 * 2**30, gather_bytes: int = GATHER_BYTES) -> Path:
-    """Writes model-0000k-of-0000n.safetensors + index (or one model.safetensors) and config.json.
+                       max_shard_bytes: int = 5 * 2**30, gather_bytes: int = GATHER_BYTES,
+                       side_files_from: str | Path | None = None) -> Path:
+    """Writes model-0000k-of-0000n.safetensors + index (or one model.safetensors) and config.json;
+    with `side_files_from` (a checkpoint or tokenizer directory) also copies the SIDE_FILES it has
+    (tokenizer, chat template, processor and generation configs), so the result is complete.
 
     Each shard is written as soon as it is full, so host memory holds at most one shard. With
-    several processes every one must call this; process 0 writes.
+    several processes every one must call this; process 0 writes (side files included).
     """
     out = Path(out_dir)
     writer = jax.process_index() == 0
@@ -132,4 +139,6 @@ def save_hf_checkpoint(out_dir: str | Path, state, config: Qwen25VLConfig, *, dt
     hf_config = config.to_hf_dict()
     hf_config["torch_dtype"] = torch_dtype
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if side_files_from is not None:
+        copy_side_files(side_files_from, out)
     return out

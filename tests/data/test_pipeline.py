@@ -1,6 +1,7 @@
 """The packed pipeline: packed rows give each sample's own logits; resume; sharding; bad data."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from hf_reference import rel_err
 from PIL import Image
 
 from qwenvl_jax.batch import ModelInputs
+from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.data.formats import REASONS
 from qwenvl_jax.data.pipeline import DataConfig, SampleEncoder, batch_vision, make_dataset, open_source, skip_report
 from qwenvl_jax.model.vision_layout import stack_rows, vision_inputs
@@ -215,3 +217,35 @@ def test_worker_processes_see_every_sample_once(chat_checkpoint, dataset_files):
     a, b = list(ds0), list(ds2)
     assert _samples(a) == _samples(b) and len(_samples(a)) == 8
     assert skip_report(a) == skip_report(b)
+
+
+def test_make_dataset_resolves_media_against_the_data_files_directory(tmp_path, monkeypatch):
+    """The data-root rule through the library reader: with no data_root, make_dataset resolves a
+    JSONL's relative media paths against the file's directory, not the current one; an explicit
+    data_root overrides it (and the caller's encoder is left as it was)."""
+    from qwenvl_jax.train.synthetic import write_synthetic_dataset
+
+    tok = write_synthetic_dataset(tmp_path / "tok", samples=1)  # a tiny tokenizer + processor config
+    processor = Processor.from_pretrained(tok)
+    hf = Qwen25VLConfig.from_preset("tiny").to_hf_dict()
+    hf.update(image_token_id=processor.image_token_id, video_token_id=processor.video_token_id,
+              vision_start_token_id=processor.tokenizer.token_to_id("<|vision_start|>"),
+              vision_end_token_id=processor.tokenizer.token_to_id("<|vision_end|>"))
+    config = Qwen25VLConfig.from_hf_dict(hf)
+    data_dir, elsewhere, other_root = tmp_path / "data", tmp_path / "elsewhere", tmp_path / "other"
+    for d in (data_dir / "img", elsewhere, other_root):
+        d.mkdir(parents=True)
+    _picture(data_dir / "img/a.png", (60, 90), 0)
+    (data_dir / "train.jsonl").write_text(json.dumps(_qa("What is it?", "Noise.", "img/a.png")) + "\n")
+    monkeypatch.chdir(elsewhere)  # no img/ here
+    data = DataConfig(seq_len=256, patch_budget=512, max_items=4, batch_size=1, shuffle=False, packing_bins=1)
+
+    def read(data_root):
+        encoder = SampleEncoder(processor, config, data, data_root=data_root)
+        batches = list(make_dataset(open_source("../data/train.jsonl"), encoder, config, data))
+        assert encoder.data_root == (None if data_root is None else os.path.abspath(data_root))
+        return sum(int(b["num_samples"].sum()) for b in batches), dict(skip_report(batches))
+
+    assert read(None) == (1, {})  # ../data/img/a.png
+    assert read("../other") == (0, {"missing_image": 1})  # ../other/img/a.png: not there
+    assert read(str(data_dir)) == (1, {})

@@ -1,7 +1,10 @@
 """JSONL / ArrayRecord sources, record payloads, and media loading with DataError reasons."""
 
 import json
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from qwenvl_jax.data.sources import (
     open_media,
     open_video,
     parse_line,
+    resolve_data_root,
     to_conversation,
     write_array_record,
 )
@@ -66,6 +70,73 @@ def test_jsonl_source_pickles_without_a_file_handle(tmp_path):
     assert len(clone) == 3 and clone[0] == first and clone[2] == source[2]
     conv = to_conversation(clone[1], tmp_path)
     assert conv.messages[-1]["content"] == [{"type": "text", "text": "A dog."}]
+
+
+def test_jsonl_source_closes_its_file(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(qa()) + "\n")
+    source = JsonlSource(path)
+    first = source[0]
+    fd = source._fd
+    source.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    assert source[0] == first  # reopens
+    fd = source._fd
+    del source  # garbage collection closes it too
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+@pytest.mark.parametrize("held", ["local", "until_module_teardown"])
+def test_jsonl_source_exits_quietly(tmp_path, held):
+    """No "Exception ignored in JsonlSource.__del__" at interpreter exit: a source still alive when
+    the interpreter tears modules down (so `sources.os` is already None) must not need them."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(qa()) + "\n")
+    script = (f"import os\nimport qwenvl_jax.data.sources as sources\n"
+              f"source = sources.JsonlSource({str(path)!r})\nsource[0]\n")
+    if held != "local":  # referenced from a module cleared after `sources`: freed mid-teardown
+        script += "os._held = (source, sources)\n"
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------- data root
+
+def test_relative_media_resolve_against_the_data_files_directory(tmp_path, monkeypatch):
+    """The one data-root rule: a relative media path in a data file resolves against that file's
+    directory, wherever the process runs (symlinks to the file followed); an explicit data_root
+    (relative: from the current directory) overrides it; absolute paths stay as written."""
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    (data / "img").mkdir(parents=True)
+    (elsewhere / "media").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (250, 0, 0)).save(data / "img/a.png")
+    absolute = str(data / "img/a.png")
+    (data / "train.jsonl").write_text(json.dumps(qa("img/a.png")) + "\n" + json.dumps(qa(absolute)) + "\n")
+    (elsewhere / "link.jsonl").symlink_to(data / "train.jsonl")
+    monkeypatch.chdir(elsewhere)  # holds no img/a.png
+
+    data_dir = os.path.realpath(data)
+    for name in ("../data/train.jsonl", "link.jsonl"):
+        source = JsonlSource(name)
+        root = resolve_data_root(source.path)
+        assert root == data_dir
+        assert to_conversation(source[0], root).images == [os.path.join(data_dir, "img/a.png")]
+        assert open_media(to_conversation(source[0], root)).images[0].size == (40, 30)
+    assert resolve_data_root("../data/train.jsonl", "media") == str(elsewhere / "media")
+    assert resolve_data_root("../data/train.jsonl", "/mnt/x") == "/mnt/x"
+    explicit = to_conversation(source[0], resolve_data_root(source.path, "media"))
+    assert explicit.images == [str(elsewhere / "media/img/a.png")]
+    assert reason_of(open_media, explicit) == "missing_image"
+    assert to_conversation(source[1], resolve_data_root(source.path, "media")).images == [absolute]
+
+    # write_array_record follows the same rule.
+    counts = write_array_record("../data/train.jsonl", "default.arrayrecord")
+    assert counts == {"records": 2, "images": 2, "videos": 0}
+    counts = write_array_record("../data/train.jsonl", "explicit.arrayrecord", data_root="media")
+    assert counts == {"records": 2, "images": 1, "videos": 0, "missing_image": 1}
 
 
 # ---------------------------------------------------------------------------------------------- ArrayRecord

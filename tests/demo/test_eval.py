@@ -48,7 +48,20 @@ def test_score_perfect():
     out = ev.score(RECORDS, preds)
     assert out == {"counting_accuracy": 1.0, "attribute_accuracy": 1.0, "exact_accuracy": 1.0,
                    "grounding_iou50": 1.0, "grounding_precision50": 1.0, "grounding_mean_iou": 1.0,
-                   "n": 6, "n_count": 2, "n_attribute": 1, "n_ground": 2}
+                   "n": 6, "n_count": 2, "n_attribute": 1, "n_ground": 2, "by_form": {}}
+
+
+def test_score_by_question_form():
+    """by_form splits the scores by make_data's question form: per form n, accuracy, and for
+    grounding forms the share of boxes at IoU >= 0.5."""
+    records = [{**RECORDS[0], "form": "count_color_kind"}, {**RECORDS[1], "form": "count_all"},
+               {**RECORDS[2], "form": "color"}, {**RECORDS[3], "form": "ground"},
+               {**RECORDS[4], "form": "ground"}]
+    preds = ["2", "4", "blue", RECORDS[3]["answer"], _box([0, 0, 20, 20])]  # 2nd ground: one box of two
+    out = ev.score(records, preds)["by_form"]
+    assert out == {"color": {"n": 1, "accuracy": 1.0}, "count_all": {"n": 1, "accuracy": 0.0},
+                   "count_color_kind": {"n": 1, "accuracy": 1.0},
+                   "ground": {"n": 2, "accuracy": 0.5, "iou50": round(2 / 3, 4)}}
 
 
 def test_score_wrong_malformed_and_missing():

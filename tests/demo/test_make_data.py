@@ -10,7 +10,16 @@ from tokenizers import Tokenizer
 
 from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.data.formats import parse_record
-from qwenvl_jax.demo.make_data import COLORS, SHAPES, main, make_dataset, write_demo_tokenizer
+from qwenvl_jax.demo.make_data import (
+    BUNDLED_SHAPES,
+    COLORS,
+    SHAPES,
+    main,
+    make_bundled_dataset,
+    make_dataset,
+    question_form,
+    write_demo_tokenizer,
+)
 from qwenvl_jax.generation.grounding import ground, parse_grounding
 from qwenvl_jax.processing.image import smart_resize
 from qwenvl_jax.processing.processor import Processor
@@ -317,3 +326,35 @@ def test_attributes_selects_the_question(tmp_path, capsys):
         assert asked >= 20
     assert main(["--out", str(tmp_path / "bad"), "--n", "2", "--attributes", "size"]) == 1
     assert "--attributes" in capsys.readouterr().err
+
+
+def test_bundled_recipe_asks_its_forms_about_the_pictures_it_names(tmp_path):
+    """--recipe bundled: one question per picture; grounding, colour and kind on one-shape pictures,
+    "How many shapes are there?" on 1-5; every answer agrees with the shapes found in the pixels."""
+    records = _records(make_bundled_dataset(tmp_path, 80, seed=3, weights=[1, 1, 1, 1], max_pixels=18816))
+    seen = {}
+    for rec in records:
+        meta, question = rec["meta"], rec["conversations"][0]["value"].removeprefix("<image>")
+        assert len(rec["conversations"]) == 2 and question_form(question) == meta["form"]
+        found = _detect(tmp_path / rec["image"])
+        lo, hi = BUNDLED_SHAPES[meta["form"]]
+        assert lo <= len(found) <= hi
+        _check_answer(question, meta, found)
+        seen.setdefault(meta["form"], set()).add(len(found))
+    assert set(seen) == set(BUNDLED_SHAPES) and seen["count_all"] == {1, 2, 3, 4, 5}
+    assert _records(make_bundled_dataset(tmp_path / "again", 80, seed=3, weights=[1, 1, 1, 1],
+                                         max_pixels=18816)) == records
+
+
+def test_question_forms():
+    questions = {"How many shapes are there?": "count_all", "How many red shapes are there?": "count_color",
+                 "How many circles are there?": "count_kind", "How many red circles are there?": "count_color_kind",
+                 "What color is the square?": "color", "What shape is the red object?": "kind",
+                 "Locate the red square.": "ground", "Locate every red square.": "ground",
+                 "Locate every shape.": "detect"}
+    assert {q: question_form(q) for q in questions} == questions
+
+
+def test_bundled_recipe_cli_errors(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--recipe", "bundled", "--weights", "1,1,1", "--n", "2"]) == 1
+    assert "--weights must be 4 non-negative weights" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """A run killed by SIGTERM at step k and restarted continues exactly: the same losses for the
 remaining steps as an uninterrupted run (same data order, same parameters); and the CLI's
-outputs (metrics.jsonl, checkpoints, HF export) are there."""
+outputs (metrics.jsonl, checkpoints, HF export, the last step's metrics on stdout) are there; a
+restart after the last step only re-exports and prints nothing on stdout."""
 
 import json
 import os
@@ -27,6 +28,13 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, capsys):
     assert main(ARGS + [f"output_dir={full}", "--export-hf", str(tmp_path / "hf")]) == 0
     assert sorted(_losses(full)) == list(range(1, 9))
     assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "model.safetensors").is_file()
+    assert json.loads(capsys.readouterr().out.strip())["step"] == 8  # stdout: the last step's metrics alone
+    # Restarted after the last step: nothing to train, the export is redone, and stdout stays empty.
+    assert main(ARGS + [f"output_dir={full}", "--export-hf", str(tmp_path / "hf2")]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "no step to run" in err
+    assert sorted(_losses(full)) == list(range(1, 9))
+    assert {p.name for p in (tmp_path / "hf2").iterdir()} == {p.name for p in (tmp_path / "hf").iterdir()}
 
     cut = tmp_path / "cut"
     env = dict(os.environ, PYTHONPATH=str(ROOT))

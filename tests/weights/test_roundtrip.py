@@ -11,10 +11,12 @@ import pytest
 import torch
 from hf_reference import hf_logits, rel_err
 from safetensors.numpy import load_file, save_file
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import AutoImageProcessor, AutoTokenizer, GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
 from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.pretrained import init_model, load_pretrained
+from qwenvl_jax.processing.processor import Processor
+from qwenvl_jax.weights.export import SIDE_FILES
 from qwenvl_jax.weights.hf_keys import canonical_name
 from qwenvl_jax.weights.load import CheckpointError
 
@@ -124,3 +126,35 @@ def test_export_of_a_preset_built_model_loads_in_transformers(tmp_path):
                                + [config.vision_end_token_id, 5, 6, 7]])
     mm = (b["input_ids"] == config.image_token_id).astype(np.int64)
     assert rel_err(hf_logits(reloaded, **b, mm_token_type_ids=mm), np.asarray(ours(**b))) <= 1e-4
+
+
+def test_save_pretrained_writes_a_complete_checkpoint(chat_checkpoint, tmp_path):
+    """load_pretrained(dir).save_pretrained(out) copies dir's tokenizer, chat template, processor and
+    generation configs, so our Processor and transformers' processor load from out; a model with no
+    source directory writes weights + config.json only, unless given side_files_from."""
+    src, _, ids = chat_checkpoint
+    model = load_pretrained(src, dtype="float32")
+    out = model.save_pretrained(tmp_path / "out")
+    side = {p.name for p in src.iterdir()} & set(SIDE_FILES)
+    assert side >= {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json",
+                    "generation_config.json"}
+    for name in side:
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    assert Processor.from_pretrained(out).image_token_id == ids["image_token_id"]
+    try:  # AutoProcessor builds the video processor too, which needs torchvision
+        import torchvision  # noqa: F401
+        from transformers import AutoProcessor
+
+        hf = AutoProcessor.from_pretrained(out)
+        tokenizer, image_processor = hf.tokenizer, hf.image_processor
+    except ImportError:  # its other parts, as AutoProcessor loads them
+        tokenizer, image_processor = AutoTokenizer.from_pretrained(out), AutoImageProcessor.from_pretrained(out)
+    assert tokenizer.convert_tokens_to_ids("<|image_pad|>") == ids["image_token_id"] and tokenizer.chat_template
+    assert image_processor.patch_size == 14
+    assert GenerationConfig.from_pretrained(out).to_dict() == GenerationConfig.from_pretrained(src).to_dict()
+
+    model.source_dir = None  # as init_model's
+    bare = model.save_pretrained(tmp_path / "bare")
+    assert {p.name for p in bare.iterdir()} == {"config.json", "model.safetensors"}
+    given = model.save_pretrained(tmp_path / "given", side_files_from=src)
+    assert {p.name for p in given.iterdir()} == {p.name for p in out.iterdir()}
