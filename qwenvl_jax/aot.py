@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwenvl_jax.buckets import bucket
 from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.data.pipeline import DataConfig
 from qwenvl_jax.model.vision_layout import VisionInputs
@@ -276,7 +277,7 @@ def compile_generation(config: Qwen25VLConfig, layout: Layout, *, batch: int, pr
     graphdef, params = abstract_params(config, layout, dtype, dtype)
     ids, pos, vision, index, sampling, eos, pad, seed = _generation_args(config, layout, batch, prompt_len,
                                                                          image_tokens)
-    slots = gen.bucket(prompt_len + max_new_tokens)
+    slots = bucket(prompt_len + max_new_tokens)
     shardings = gen._state_shardings(layout, config.text, batch, slots, max_new_tokens)
     static = (graphdef, layout, slots, max_new_tokens)
     dynamic = (params, ids, pos, ids, vision, index, seed, sampling, eos, pad)

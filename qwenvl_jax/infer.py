@@ -5,10 +5,14 @@
     python -m qwenvl_jax.infer --checkpoint DIR --prompt "Locate the cat." --image cat.jpg --draw out.png
     python -m qwenvl_jax.infer --checkpoint DIR --prompt "What happens?" --video clip.mp4 --stream
     python -m qwenvl_jax.infer --checkpoint DIR --prompt ... --image a.jpg --mesh data=1,fsdp=2,tensor=4
+    python -m qwenvl_jax.infer --checkpoint Qwen/Qwen2.5-VL-3B-Instruct --adapter my_lora/ --prompt ... --image a.jpg
 
 Prints the answer (token by token with --stream). With --json the last stdout line is one JSON
 object: text, token_ids (generated ids), prompt_tokens, boxes (grounding output mapped to
 original-image pixels), prefill_s, decode_tokens_per_s, compile_s. Progress goes to stderr.
+Checkpoints: a directory (safetensors or PyTorch .bin) or a hub id (from the local hub cache, or
+downloaded; HF_HUB_OFFLINE=1 honoured), optionally with a PEFT LoRA adapter merged at load; the
+dtype is the checkpoint's own unless --dtype says otherwise.
 Sampling defaults come from the checkpoint's generation_config.json; flags override them.
 With --mesh the weights are loaded straight into their shards over all devices (of all
 processes, with --distributed or --coordinator...); only process 0 prints.
@@ -36,7 +40,11 @@ DEMO_DRAW = "demo_boxes.png"
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m qwenvl_jax.infer", description=__doc__.split("\n\n")[0],
                                  formatter_class=DefaultsHelpFormatter)
-    ap.add_argument("--checkpoint", help="HF Qwen2.5-VL checkpoint directory (default: the bundled demo model)")
+    ap.add_argument("--checkpoint", help="HF Qwen2.5-VL checkpoint: a directory (safetensors or PyTorch .bin) or "
+                    "a hub id such as Qwen/Qwen2.5-VL-3B-Instruct (default: the bundled demo model)")
+    ap.add_argument("--adapter", help="PEFT LoRA adapter (directory or hub id), merged into the weights at load")
+    ap.add_argument("--revision", help="hub revision (branch, tag or commit) of a --checkpoint hub id")
+    ap.add_argument("--adapter-revision", help="hub revision of an --adapter hub id")
     ap.add_argument("--prompt", help=f"the user's question (demo default: {SAMPLE_PROMPT!r})")
     ap.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     ap.add_argument("--video", help="video file, animated GIF/WebP, or a directory of frames")
@@ -47,8 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--top-k", type=int)
     ap.add_argument("--repetition-penalty", type=float)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=["bfloat16", "float32"],
-                    help="compute dtype (default: bfloat16; float32 for the bundled demo model, as it was trained)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+                    help="params' and compute dtype; auto: the checkpoint's own (config.json torch_dtype), "
+                         "as transformers does")
     ap.add_argument("--min-pixels", type=int, help="per-image pixel floor (default: the checkpoint's)")
     ap.add_argument("--max-pixels", type=int, help="per-image pixel cap (default: the checkpoint's)")
     ap.add_argument("--fps", type=float, default=2.0, help="video frames sampled per second")
@@ -69,8 +78,6 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.max_new_tokens = min(args.max_new_tokens, 128)
     if args.prompt is None:
         ap.error("--prompt is required with --checkpoint")
-    if args.dtype is None:
-        args.dtype = "float32" if Path(args.checkpoint) == DEMO_MODEL else "bfloat16"
     return args
 
 
@@ -124,13 +131,14 @@ def run(args) -> dict:
     from qwenvl_jax.config import Qwen25VLConfig
     from qwenvl_jax.generation.decode import check_context, generate
     from qwenvl_jax.generation.grounding import draw_grounding, ground
-    from qwenvl_jax.pretrained import load_pretrained
+    from qwenvl_jax.pretrained import checkpoint_dtype, load_pretrained
     from qwenvl_jax.processing.image import load_image
     from qwenvl_jax.processing.processor import Processor
     from qwenvl_jax.processing.video_io import read_video
     from qwenvl_jax.sharding import Layout
+    from qwenvl_jax.weights import hub
 
-    checkpoint = Path(args.checkpoint)
+    checkpoint = hub.resolve(args.checkpoint, args.revision)  # a hub id -> its local snapshot
     if checkpoint == DEMO_MODEL and not (checkpoint / "config.json").is_file():
         raise ValueError(f"the bundled demo model is missing ({checkpoint}); pass --checkpoint DIR")
     if not args.prompt.strip():
@@ -159,8 +167,11 @@ def run(args) -> dict:
     mesh_desc = ",".join(f"{a}={n}" for a, n in layout.mesh.shape.items())
 
     t = time.perf_counter()
-    say(f"loading {checkpoint} ({args.dtype}, mesh {mesh_desc})...", file=sys.stderr, flush=True)
-    model = load_pretrained(checkpoint, dtype=args.dtype, mesh=layout, attention_impl=args.attention)
+    dtype = checkpoint_dtype(checkpoint) if args.dtype == "auto" else args.dtype
+    with_adapter = f" + adapter {args.adapter}" if args.adapter else ""
+    say(f"loading {checkpoint}{with_adapter} ({dtype}, mesh {mesh_desc})...", file=sys.stderr, flush=True)
+    model = load_pretrained(checkpoint, dtype=dtype, mesh=layout, attention_impl=args.attention,
+                            adapter=args.adapter, adapter_revision=args.adapter_revision)
     say(f"loaded in {time.perf_counter() - t:.1f} s; compiling and generating...", file=sys.stderr, flush=True)
     stream = _Stream(processor) if args.stream else None
     out = generate(model, model.prepare(**batch), max_new_tokens=args.max_new_tokens,

@@ -1,6 +1,6 @@
 """The user-facing model object: config + params, callable on HF-named batches.
 
-    model = qwenvl_jax.load_pretrained("Qwen2.5-VL-7B-Instruct", dtype="bfloat16")
+    model = qwenvl_jax.load_pretrained("Qwen/Qwen2.5-VL-7B-Instruct")   # directory or hub id, its own dtype
     logits = model(**processor(text=..., images=[...]))   # [B, L, vocab]
     model.save_pretrained("out/")    # HF safetensors + config.json + the source's tokenizer/processor files
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from pathlib import Path
 
 import jax
@@ -24,10 +25,26 @@ from qwenvl_jax.config import ATTENTION_IMPLS, ConfigError, Qwen25VLConfig
 from qwenvl_jax.model.qwen25vl import Qwen25VL
 from qwenvl_jax.model.vision_layout import VisionInputs
 from qwenvl_jax.sharding import Layout, MeshConfig, active, param_shardings
+from qwenvl_jax.weights import hub
 from qwenvl_jax.weights.export import GATHER_BYTES, save_hf_checkpoint
-from qwenvl_jax.weights.load import load_params
+from qwenvl_jax.weights.load import CheckpointTensors, load_params
+from qwenvl_jax.weights.lora import LoraAdapter, MergedTensors
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+def checkpoint_dtype(path: str | Path) -> str:
+    """The dtype a checkpoint's config.json names (`torch_dtype`, or transformers 5.x's `dtype`), which
+    dtype="auto" uses, as in transformers; float32 when it names none we run."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return "float32"  # the config's own loader reports an unreadable file
+    if not isinstance(cfg, dict):
+        return "float32"
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    dtype = cfg.get("torch_dtype") or cfg.get("dtype") or text.get("dtype") or text.get("torch_dtype")
+    return dtype if dtype in DTYPES else "float32"
 
 
 def resolve_dtype(dtype):
@@ -149,19 +166,32 @@ def with_attention_impl(config: Qwen25VLConfig, attention_impl: str | None) -> Q
     return dataclasses.replace(config, attention_impl=attention_impl)
 
 
-def load_pretrained(path: str | Path, dtype="bfloat16", mesh=None, rules=None,
-                    attention_impl: str | None = None) -> PretrainedModel:
-    """Loads an HF Qwen2.5-VL checkpoint directory (config.json + safetensors).
+def load_pretrained(path: str | Path, dtype="auto", mesh=None, rules=None, attention_impl: str | None = None,
+                    adapter: str | Path | None = None, revision: str | None = None,
+                    adapter_revision: str | None = None) -> PretrainedModel:
+    """Loads an HF Qwen2.5-VL checkpoint: a directory (config.json + safetensors or PyTorch .bin,
+    single or sharded) or a hub id such as "Qwen/Qwen2.5-VL-3B-Instruct" (from the local hub cache
+    or downloaded, through huggingface_hub; `revision` as in transformers).
 
+    dtype: "auto" (the checkpoint's own torch_dtype, as transformers does), "bfloat16", "float32"
+    or "float16": the params' and the computation's dtype.
+    adapter: a PEFT LoRA adapter directory or hub id, merged into the weights as they load.
     mesh: None (one device), 'data=1,fsdp=2,tensor=4', a MeshConfig, a jax Mesh or a Layout; each
     parameter is read straight into its shards. rules: overrides of sharding.DEFAULT_RULES.
     attention_impl: "auto" (default: Pallas kernels on TPU, XLA elsewhere), "xla", or "pallas"
     (interpret mode off TPU: slow, for checks).
     """
+    path = hub.resolve(path, revision)
     config = with_attention_impl(Qwen25VLConfig.from_hf_file(path), attention_impl)
-    dt = resolve_dtype(dtype)
+    dt = resolve_dtype(checkpoint_dtype(path) if dtype == "auto" else dtype)
+    tensors = None
+    if adapter is not None:
+        lora = LoraAdapter(hub.resolve(adapter, adapter_revision, adapter=True))
+        tensors = MergedTensors(CheckpointTensors(path), lora, tied=config.tie_word_embeddings)
+        if tensors.untied:  # the adapter changed the embedding or the head of a tied model
+            config = dataclasses.replace(config, tie_word_embeddings=False)
     layout = make_layout(mesh, rules).for_model(config)
-    graphdef, params = load_params(path, config, param_dtype=dt, layout=layout)
+    graphdef, params = load_params(path, config, param_dtype=dt, layout=layout, tensors=tensors)
     return PretrainedModel(config, graphdef, params, layout, source_dir=path)
 
 

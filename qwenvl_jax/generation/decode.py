@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx, struct
 
 from qwenvl_jax.batch import ModelInputs
+from qwenvl_jax.buckets import bucket
 from qwenvl_jax.generation.sampling import SamplingParams, sample
 from qwenvl_jax.model.decoder import KVCache
 from qwenvl_jax.model.vision_layout import bucket_rows
@@ -71,13 +72,6 @@ def check_context(prompt_tokens: int, max_new_tokens: int, context: int) -> None
     if prompt_tokens + max_new_tokens > context:
         raise ContextLengthError(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                                  f"the context length ({context})")
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-    """Rounds up to one of 4 sizes per power of two (<= 25% padding), at least `minimum`."""
-    n = max(n, minimum)
-    step = max(1 << max(n.bit_length() - 3, 0), 1)
-    return -(-n // step) * step
 
 
 class CompiledCache:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from flax import struct
 
+from qwenvl_jax.buckets import bucket
 from qwenvl_jax.config import VisionConfig
 
 
@@ -71,8 +72,6 @@ def stack_rows(rows: list[VisionInputs], patches: int | None = None, slots: int 
 def bucket_rows(vision: VisionInputs, merge_unit: int = 4) -> VisionInputs:
     """Pads batched rows to bucketed patch / slot counts (4 sizes per octave) and buckets the
     static max_full_len, so images of new sizes rarely mean a new compile (generation, eval)."""
-    from qwenvl_jax.generation.decode import bucket
-
     rows = [VisionInputs(**{k: getattr(vision, k)[i] for k in _ARRAYS}, window_len=vision.window_len,
                          max_full_len=vision.max_full_len) for i in range(vision.pixel_values.shape[0])]
     w = vision.window_len

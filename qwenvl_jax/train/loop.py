@@ -33,6 +33,7 @@ from qwenvl_jax.sharding import Layout, param_shardings
 from qwenvl_jax.train import step as steplib
 from qwenvl_jax.train.config import TrainConfig
 from qwenvl_jax.train.synthetic import write_synthetic_dataset
+from qwenvl_jax.weights import hub
 from qwenvl_jax.weights.export import save_hf_checkpoint
 from qwenvl_jax.weights.load import abstract_model, load_params
 
@@ -57,9 +58,11 @@ def say(*args, **kwargs):
 
 
 def _model_and_tokenizer(cfg: TrainConfig, out: Path):
-    """(model config, tokenizer directory, data file, data root: data.root, else the data file's directory)."""
+    """(model config, init_from as a local directory (a hub id resolved) or None, tokenizer directory,
+    data file, data root: data.root, else the data file's directory)."""
     data_path, root = cfg.data.path, cfg.data.root
-    tokenizer = cfg.model.tokenizer or cfg.model.init_from
+    init_from = str(hub.resolve(cfg.model.init_from)) if cfg.model.init_from else None
+    tokenizer = cfg.model.tokenizer or init_from
     if data_path == "synthetic":
         synth = out / "synthetic_data"
         if distributed.is_main_process():
@@ -68,8 +71,8 @@ def _model_and_tokenizer(cfg: TrainConfig, out: Path):
         data_path, root, tokenizer = str(synth / "train.jsonl"), str(synth), tokenizer or str(synth)
     if tokenizer is None:
         raise ConfigError("model.tokenizer: a from-scratch model needs a tokenizer directory")
-    if cfg.model.init_from:
-        config = Qwen25VLConfig.from_hf_file(cfg.model.init_from)
+    if init_from:
+        config = Qwen25VLConfig.from_hf_file(init_from)
     else:
         config = Qwen25VLConfig.from_preset(cfg.model.preset)
         tok = Processor.from_pretrained(tokenizer)  # a new model takes the tokenizer's special ids
@@ -79,7 +82,7 @@ def _model_and_tokenizer(cfg: TrainConfig, out: Path):
                   vision_end_token_id=tok.tokenizer.token_to_id("<|vision_end|>"))
         config = Qwen25VLConfig.from_hf_dict(hf)
     config = with_attention_impl(config, cfg.model.attention_impl)
-    return config, tokenizer, data_path, resolve_data_root(data_path, root)
+    return config, init_from, tokenizer, data_path, resolve_data_root(data_path, root)
 
 
 def _sync(name: str):
@@ -96,7 +99,7 @@ def run(cfg: TrainConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     layout = Layout.create(cfg.mesh or "data=1,fsdp=-1,tensor=1")
-    config, tokenizer_dir, data_path, data_root = _model_and_tokenizer(cfg, out)
+    config, init_from, tokenizer_dir, data_path, data_root = _model_and_tokenizer(cfg, out)
     layout = layout.for_model(config)
     t = cfg.train
     param_dtype, compute_dtype = resolve_dtype(t.param_dtype), resolve_dtype(t.compute_dtype)
@@ -104,8 +107,8 @@ def run(cfg: TrainConfig) -> dict:
     # Model: graphdef computes in compute_dtype; params (master weights) in param_dtype, sharded.
     graphdef, abstract = abstract_model(config, param_dtype, compute_dtype)
     shardings = nnx.to_pure_dict(param_shardings(abstract, layout))
-    if cfg.model.init_from:
-        _, loaded = load_params(cfg.model.init_from, config, param_dtype=param_dtype, dtype=compute_dtype,
+    if init_from:
+        _, loaded = load_params(init_from, config, param_dtype=param_dtype, dtype=compute_dtype,
                                 layout=layout)
         params = nnx.to_pure_dict(loaded)
     else:

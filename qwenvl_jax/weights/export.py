@@ -22,13 +22,11 @@ from safetensors.numpy import save_file
 from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.sharding import to_host
 from qwenvl_jax.weights import hf_keys
+from qwenvl_jax.weights.files import SIDE_FILES
 from qwenvl_jax.weights.load import INDEX_FILE
 
-# Tokenizer, chat template, processor and generation settings: copied next to exported weights
-# so the result is a complete checkpoint (transformers, vLLM and our infer load it as is).
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "chat_template.json",
-              "chat_template.jinja", "preprocessor_config.json", "video_preprocessor_config.json",
-              "generation_config.json", "special_tokens_map.json", "added_tokens.json")
+STALE_WEIGHT_FILES = ("model.safetensors", INDEX_FILE, "model-*-of-*.safetensors", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin")
 
 
 def copy_side_files(src: str | Path, out: str | Path) -> list[str]:
@@ -125,7 +123,11 @@ def save_hf_checkpoint(out_dir: str | Path, state, config: Qwen25VLConfig, *, dt
     if not writer:
         return out
 
-    (out / INDEX_FILE).unlink(missing_ok=True)
+    # Weight files of an earlier checkpoint in out_dir would be read beside (or, for a single
+    # model.safetensors, instead of) the new shards: remove them, as transformers' save_pretrained does.
+    for pattern in STALE_WEIGHT_FILES:
+        for old in out.glob(pattern):
+            old.unlink()
     if len(written) == 1:
         written[0][0].replace(out / "model.safetensors")
     else:

@@ -1,4 +1,5 @@
-"""Read an HF safetensors checkpoint (single file or sharded with an index) into our param tree.
+"""Read an HF checkpoint (safetensors or PyTorch .bin, single file or sharded with an index, and
+optionally a PEFT LoRA adapter merged in) into our param tree.
 
 Each parameter is created directly in its sharded layout (`jax.make_array_from_callback`): every
 device's slice is read from disk on its own, so a process reads and holds only what its devices
@@ -9,7 +10,6 @@ in-place update, so host memory stays near one layer's local slice, never the mo
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import jax
@@ -21,45 +21,51 @@ from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.model.qwen25vl import Qwen25VL
 from qwenvl_jax.sharding import Layout
 from qwenvl_jax.weights import hf_keys
+from qwenvl_jax.weights.files import SAFE_INDEX, CheckpointError, weight_files
 from qwenvl_jax.weights.safetensors_reader import SafetensorsFile, SafetensorsFormatError
+from qwenvl_jax.weights.torch_bin import TorchBinError, TorchBinFile
 
-INDEX_FILE = "model.safetensors.index.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file or tensor."""
+INDEX_FILE = SAFE_INDEX
+__all__ = ["CheckpointError", "CheckpointTensors", "INDEX_FILE", "abstract_model", "load_params", "open_tensor_file"]
 
 
-class SafetensorsCheckpoint:
-    """Tensor name -> memory-mapped numpy array, across the shards of one checkpoint."""
+def open_tensor_file(file: Path):
+    """A SafetensorsFile or TorchBinFile for `file`, errors as CheckpointError naming it."""
+    if file.suffix == ".bin":
+        try:
+            return TorchBinFile(file)
+        except TorchBinError as e:
+            raise CheckpointError(str(e)) from None
+    try:
+        return SafetensorsFile(file)
+    except (OSError, SafetensorsFormatError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+class CheckpointTensors:
+    """Tensor name (on-disk form, see hf_keys.canonical_name) -> slices read from disk, across the
+    files of one checkpoint directory (weights.files decides which)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise CheckpointError(f"{self.path}: checkpoint directory not found")
-        index = self.path / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in self.path.glob("*.safetensors"))
-            if not files:
-                raise CheckpointError(f"{self.path}: no *.safetensors files and no {INDEX_FILE}")
+        files, weight_map = weight_files(self.path)
         self._handles, self._where = {}, {}
-        for name in files:
-            file = self.path / name
-            if not file.is_file():
-                raise CheckpointError(f"{file}: listed in {INDEX_FILE} but missing")
-            try:
-                handle = SafetensorsFile(file)
-            except (OSError, SafetensorsFormatError) as e:
-                raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-            self._handles[name] = handle
-            for key in handle.keys():
-                self._where[hf_keys.canonical_name(key)] = (name, key)
+        for file in files:
+            handle = open_tensor_file(file)
+            self._handles[file.name] = handle
+            names = handle.keys()
+            if weight_map is not None:  # the index decides which file holds a tensor
+                listed = {k for k, f in weight_map.items() if f == file.name}
+                missing = sorted(listed - set(names))
+                if missing:
+                    raise CheckpointError(f"{file}: does not hold {missing[:3]}, which the index places there")
+                names = [k for k in names if k in listed]
+            for key in names:
+                name = hf_keys.canonical_name(key)
+                if name in self._where:
+                    raise CheckpointError(f"{self.path}: tensor {name!r} is stored twice "
+                                          f"({self._where[name][0]} and {file.name})")
+                self._where[name] = (file.name, key)
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -104,11 +110,12 @@ def _hf_index(index: tuple[slice, ...], kind: str) -> tuple[slice, ...]:
 
 
 def load_params(path: str | Path, config: Qwen25VLConfig, *, param_dtype=jnp.float32, dtype=None,
-                layout: Layout | None = None):
-    """Returns (graphdef, state) with every parameter read from the checkpoint at `path`, each
-    placed in the sharding `layout` gives it (default: one device)."""
+                layout: Layout | None = None, tensors=None):
+    """Returns (graphdef, state) with every parameter read from the checkpoint at `path` (or from
+    `tensors`: a CheckpointTensors-like source such as lora.MergedTensors), each placed in the
+    sharding `layout` gives it (default: one device)."""
     layout = (layout or Layout.create()).for_model(config)
-    ckpt = SafetensorsCheckpoint(path)
+    ckpt = tensors if tensors is not None else CheckpointTensors(path)
     graphdef, abstract = abstract_model(config, param_dtype, dtype)
     v = config.vision
     patch_shape = (v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
@@ -120,8 +127,10 @@ def load_params(path: str | Path, config: Qwen25VLConfig, *, param_dtype=jnp.flo
             raise CheckpointError(f"{ckpt.path}: missing tensor {name!r} (expected shape {list(want)})")
         got = ckpt.shape(name)
         if got != want:
+            empty = (" (an empty tensor: DeepSpeed ZeRO-3 saves those unless its 16-bit weights are gathered "
+                     "on save; run zero_to_fp32.py on the checkpoint instead)") if 0 in got else ""
             raise CheckpointError(f"{ckpt.path}: tensor {name!r} has shape {list(got)}, "
-                                  f"expected {list(want)}")
+                                  f"expected {list(want)}{empty}")
         used.add(name)
 
     def read_sharded(name: str, kind: str, shape: tuple[int, ...], sharding) -> jax.Array:

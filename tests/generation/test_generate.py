@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from hf_reference import TOKENS, hf_greedy
 
-from qwenvl_jax.generation.decode import ContextLengthError, bucket, compile_stats, generate
+from qwenvl_jax.buckets import bucket
+from qwenvl_jax.generation.decode import ContextLengthError, compile_stats, generate
 from qwenvl_jax.pretrained import load_pretrained
 from qwenvl_jax.processing.rope_index import get_rope_index
 
