@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -169,12 +171,18 @@ class Qwen25VLConfig:
             raise ConfigError(f"{path}: no such file (expected an HF checkpoint's config.json)")
         try:
             d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read it ({e})") from None
         return cls.from_hf_dict(d, source=str(path))
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> Qwen25VLConfig:
+        for key, value in (("", d), ("text_config", d.get("text_config") if isinstance(d, dict) else None),
+                           ("vision_config", d.get("vision_config") if isinstance(d, dict) else None)):
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{source}: {key or 'the file'} must be a JSON object, got {type(value).__name__}")
         model_type = d.get("model_type")
         if model_type not in (None, "qwen2_5_vl"):
             raise ConfigError(f"{source}: model_type {model_type!r} is not 'qwen2_5_vl'")
@@ -185,6 +193,8 @@ class Qwen25VLConfig:
             raise ConfigError(f"{source}: use_sliding_window=true is not supported "
                               "(released Qwen2.5-VL checkpoints use full attention)")
         rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: rope_scaling must be a JSON object, got {rope!r}")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "mrope"):
             raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (expected mrope)")
@@ -195,8 +205,9 @@ class Qwen25VLConfig:
 
         v = dict(d.get("vision_config") or {})
         aliases = {"in_chans": "in_channels", "spatial_patch_size": "patch_size"}
-        v = {aliases.get(k, k): val for k, val in v.items()}
+        v = {aliases.get(k, k): val for k, val in v.items() if not (k in aliases and aliases[k] in v)}
         vrope = v.get("rope_parameters") or {}
+        vrope = vrope if isinstance(vrope, dict) else {}
         if "rope_theta" in vrope:
             v["rope_theta"] = vrope["rope_theta"]
         vision_fields = {f.name for f in dataclasses.fields(VisionConfig)}
@@ -267,17 +278,52 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def _number(val, kind, where: str, positive: bool):
+    """val as `kind` (int or float): right type, finite, and > 0 for sizes (>= 0 for token ids)."""
+    ok = isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val)
+    if ok and kind is int:
+        ok = float(val).is_integer()
+    if not ok:
+        raise ConfigError(f"{where}: expected {'an integer' if kind is int else 'a finite number'}, got {val!r}")
+    val = kind(val)
+    if val < 0 or (positive and val == 0):
+        raise ConfigError(f"{where}: must be {'> 0' if positive else '>= 0'}, got {val!r}")
+    return val
+
+
+def _typed(val, typ, where: str, positive: bool):
+    """A config.json / YAML value checked against the field's type (strings for numbers, NaN,
+    negative sizes are errors naming the key, never a crash later)."""
+    if dataclasses.is_dataclass(typ):
+        return val
+    if typ in (int, float):
+        return _number(val, typ, where, positive)
+    if typ in (str, bool):
+        if not isinstance(val, typ):
+            raise ConfigError(f"{where}: expected {typ.__name__}, got {val!r}")
+        return val
+    options = typing.get_args(typ)
+    if typing.get_origin(typ) is tuple:  # tuple[int, ...] or tuple[int, int, int]
+        if not isinstance(val, tuple):
+            raise ConfigError(f"{where}: expected a list of integers, got {val!r}")
+        return tuple(_number(x, int, where, False) for x in val)
+    if int in options:  # int | tuple[int, ...]
+        return _typed(val, tuple[int, ...] if isinstance(val, tuple) else int, where, positive)
+    return val
+
+
 def _build(cls, values: dict[str, Any], source: str):
     """Instantiate a config dataclass, coercing lists to tuples; unknown keys are an error."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {unknown} (known: {sorted(fields)})")
+    hints = typing.get_type_hints(cls)
     kw = {}
     for name, val in values.items():
         if isinstance(val, list):
             val = tuple(val)
-        kw[name] = val
+        kw[name] = _typed(val, hints[name], f"{source}: {name}", positive=cls in (VisionConfig, TextConfig))
     try:
         return cls(**kw)
     except TypeError as e:

@@ -14,6 +14,8 @@ those files from the directory the model was loaded from).
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +24,18 @@ from qwenvl_jax.config import ConfigError
 from qwenvl_jax.pretrained import checkpoint_dtype, load_pretrained
 from qwenvl_jax.weights import hub
 from qwenvl_jax.weights.load import CheckpointError
+
+
+def output_problem(out: Path, max_shard_size_gb: float) -> str | None:
+    """What makes the output unusable, checked before the (long) load: None when fine."""
+    if not (math.isfinite(max_shard_size_gb) and max_shard_size_gb > 0):
+        return f"--max-shard-size-gb must be a positive number, got {max_shard_size_gb}"
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a directory"
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+        return f"--out {out}: cannot write into {existing}"
+    return None
 
 
 def main(argv=None) -> int:
@@ -38,6 +52,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-shard-size-gb", type=float, default=5.0, help="largest safetensors shard, in GiB")
     args = ap.parse_args(argv)
     out = Path(args.out)
+    problem = output_problem(out, args.max_shard_size_gb)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     try:
         src = hub.resolve(args.checkpoint, args.revision)
         if out.resolve() == src.resolve():

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -98,6 +100,19 @@ def sampling_from(checkpoint: Path, args) -> tuple[SamplingParams, list[int] | N
     return params, ([eos] if isinstance(eos, int) else eos)
 
 
+def check_numbers(args) -> None:
+    """Every numeric flag finite and in range before any work (NaN passes `< 0` checks)."""
+    if not (math.isfinite(args.fps) and args.fps > 0):
+        raise ValueError(f"--fps must be a positive number, got {args.fps}")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
+    for flag, value in (("--min-pixels", args.min_pixels), ("--max-pixels", args.max_pixels)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
+        raise ValueError(f"--min-pixels ({args.min_pixels}) must not exceed --max-pixels ({args.max_pixels})")
+
+
 def build_messages(args) -> list[dict]:
     content = [{"type": "image", "image": p} for p in args.image]
     if args.video:
@@ -145,8 +160,15 @@ def run(args) -> dict:
         raise ValueError("--prompt is empty")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_numbers(args)
     if args.draw and not args.image:
         raise ValueError("--draw needs an --image to draw on")
+    if args.draw:  # checked before generating, so the answer is never lost to a bad path
+        folder = Path(args.draw).resolve().parent
+        if not folder.is_dir():
+            raise ValueError(f"--draw {args.draw}: folder {folder} does not exist")
+        if Path(args.draw).is_dir() or not os.access(folder, os.W_OK):
+            raise ValueError(f"--draw {args.draw}: cannot write a file there")
     sampling, gen_eos = sampling_from(checkpoint, args)
     sampling.validate()
 
@@ -154,11 +176,13 @@ def run(args) -> dict:
     images = [load_image(p) for p in args.image]  # fails early, naming the file
     videos, fps = [], args.fps
     if args.video:
-        frames, fps = read_video(args.video, fps=args.fps)
+        # the frame budget goes where qwen-vl-utils applies it: to the frames as they are read
+        frames, fps = read_video(args.video, fps=args.fps, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
         videos = [frames]
     prompt = processor.apply_chat_template(build_messages(args), add_generation_prompt=True)
     batch = processor(text=prompt, images=images or None, videos=videos or None, fps=fps,
-                      min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+                      min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                      video_min_pixels=processor.video_min_pixels, video_max_pixels=processor.video_max_pixels)
 
     # Before the (slow) weight load: does the request fit the context?
     config = Qwen25VLConfig.from_hf_file(checkpoint)

@@ -82,3 +82,49 @@ def test_unknown_preset_key_is_an_error(tmp_path):
     p.write_text("text:\n  hidden_sise: 64\n")
     with pytest.raises(ConfigError, match="hidden_sise"):
         Qwen25VLConfig.from_preset(p)
+
+
+# Every numeric field of the published form, top level and vision_config.
+_NUMERIC = ([k for k, v in PUBLISHED_7B.items() if type(v) in (int, float) and k in {
+    "bos_token_id", "eos_token_id", "image_token_id", "video_token_id", "vision_start_token_id",
+    "vision_end_token_id", "hidden_size", "intermediate_size", "max_position_embeddings", "num_attention_heads",
+    "num_hidden_layers", "num_key_value_heads", "rms_norm_eps", "rope_theta", "vocab_size"}]
+            + [f"vision_config.{k}" for k, v in PUBLISHED_7B["vision_config"].items() if type(v) in (int, float)])
+
+
+def _with(key, value):
+    d = json.loads(json.dumps(PUBLISHED_7B))
+    node = d["vision_config"] if key.startswith("vision_config.") else d
+    node[key.split(".")[-1]] = value
+    twin = {"spatial_patch_size": "patch_size", "in_chans": "in_channels"}.get(key.split(".")[-1])
+    node.pop(twin, None)  # the legacy alias counts only when the current name is absent
+    return d
+
+
+def test_wrongly_typed_numbers_name_their_key():
+    """Strings for numbers, NaN/inf, booleans, negative or zero sizes: ConfigError naming the key,
+    for every numeric field (never a TypeError or a model built from them)."""
+    assert len(_NUMERIC) >= 20
+    for key in _NUMERIC:
+        name = {"in_chans": "in_channels", "spatial_patch_size": "patch_size"}.get(key.split(".")[-1],
+                                                                                key.split(".")[-1])
+        for bad in ("64", float("nan"), float("inf"), True, -1, [3]):
+            if key == "eos_token_id" and bad == [3]:
+                continue  # a list of eos ids is valid
+            with pytest.raises(ConfigError, match=name):
+                Qwen25VLConfig.from_hf_dict(_with(key, bad))
+
+
+@pytest.mark.parametrize("doc,needle", [
+    ([1, 2], "the file must be a JSON object, got list"),
+    ({"text_config": "big"}, "text_config must be a JSON object"),
+    ({"vision_config": [1]}, "vision_config must be a JSON object"),
+    ({"rope_scaling": "mrope"}, "rope_scaling must be a JSON object"),
+    ({"vision_config": {"fullatt_block_indexes": "7,15"}}, "fullatt_block_indexes: expected a list of integers"),
+])
+def test_wrongly_shaped_config_json(tmp_path, doc, needle):
+    if isinstance(doc, dict):
+        doc = {**PUBLISHED_7B, **doc}
+    (tmp_path / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match=needle):
+        Qwen25VLConfig.from_hf_file(tmp_path)

@@ -99,7 +99,7 @@ def _ref(value, kind: str, where: str) -> str:
 
 def _role(turn: dict, key: str, where: str) -> str:
     role = turn.get(key)
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise _bad(f"{where}: unknown role {role!r}; expected one of {sorted(ROLES)}")
     return ROLES[role]
 

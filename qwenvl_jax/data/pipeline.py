@@ -27,7 +27,7 @@ from qwenvl_jax.config import ConfigError, Qwen25VLConfig
 from qwenvl_jax.data.formats import BAD_FORMAT, REASONS, TOO_LONG, DataError, assistant_labels
 from qwenvl_jax.data.sources import ArrayRecordSource, JsonlSource, open_media, resolve_data_root, to_conversation
 from qwenvl_jax.model.vision_layout import VisionInputs, empty_row, pad_row, vision_inputs, window_index
-from qwenvl_jax.processing.image import CLIP_MEAN, CLIP_STD
+from qwenvl_jax.processing.image import CLIP_MEAN, CLIP_STD, MAX_BUDGET_PIXELS, check_pixel_budget
 from qwenvl_jax.processing.rope_index import get_rope_index
 
 IGNORE = -100
@@ -76,6 +76,11 @@ class DataConfig:
             raise ConfigError(f"data.on_bad_sample must be 'skip' or 'raise', got {self.on_bad_sample!r}")
         if self.workers < 0:
             raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
+        if self.min_pixels is not None or self.max_pixels is not None:
+            try:
+                check_pixel_budget(self.min_pixels or 1, self.max_pixels or MAX_BUDGET_PIXELS, "data.")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
 
 def open_source(path: str | Path):
@@ -127,7 +132,7 @@ class SampleEncoder:
             if self.data.on_bad_sample == "raise":
                 raise
             return skip_sample(e.reason, self.config.vision.patch_dim)
-        except (ValueError, OSError) as e:  # a record the processor rejects: counted, never a crash
+        except (ValueError, OSError, TypeError, KeyError, RecursionError) as e:  # counted, never a crash
             if self.data.on_bad_sample == "raise":
                 raise DataError(BAD_FORMAT, f"cannot encode record: {e}") from e
             return skip_sample(BAD_FORMAT, self.config.vision.patch_dim)

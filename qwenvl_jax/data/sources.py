@@ -19,6 +19,7 @@ import os
 import struct
 import tempfile
 import threading
+import warnings
 import weakref
 from pathlib import Path
 from typing import NamedTuple
@@ -39,7 +40,7 @@ from qwenvl_jax.data.formats import (
     media_references,
     parse_record,
 )
-from qwenvl_jax.processing.image import ImageLoadError, load_image
+from qwenvl_jax.processing.image import ImageLoadError, check_decoded_size, load_image
 from qwenvl_jax.processing.video_io import VideoLoadError, read_video
 
 # ArrayRecord payload: MAGIC, uint32 little-endian header length, JSON header, the media blobs back
@@ -122,15 +123,42 @@ def resolve_data_root(data_path, data_root=None) -> str:
     return os.path.dirname(os.path.realpath(os.fspath(data_path)))
 
 
-def parse_line(line: bytes | str) -> dict:
-    """One JSONL line -> record dict; DataError(malformed_json) if it is not JSON, bad_format if not an object."""
-    try:
-        record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(MALFORMED_JSON, f"not valid JSON: {e}") from None
+MAX_NESTING = 32  # a conversation record nests about 5 deep
+
+
+def _nesting(value) -> int:
+    """Depth of nested lists/dicts, iteratively (a hostile record must not exhaust the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth > MAX_NESTING:
+                break
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+def check_record(record) -> dict:
+    """A parsed record: a JSON object nested at most MAX_NESTING deep (so every later step, which
+    may recurse, is safe), else DataError(bad_format)."""
     if not isinstance(record, dict):
         raise DataError(BAD_FORMAT, f"a record must be a JSON object, got {type(record).__name__}")
+    if _nesting(record) > MAX_NESTING:
+        raise DataError(BAD_FORMAT, f"a record nested deeper than {MAX_NESTING} levels")
     return record
+
+
+def parse_line(line: bytes | str) -> dict:
+    """One JSONL line -> record dict; DataError(malformed_json) if it is not JSON (or nested past
+    the parser's stack, or holds an integer too long to convert), bad_format if not a shallow object."""
+    try:
+        record = json.loads(line)
+    except RecursionError:
+        raise DataError(MALFORMED_JSON, "not valid JSON: nested too deeply to parse") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer past the digit limit
+        raise DataError(MALFORMED_JSON, f"not valid JSON: {e}") from None
+    return check_record(record)
 
 
 # ------------------------------------------------------------------------------------------ ArrayRecord
@@ -152,15 +180,21 @@ def decode_record(blob: bytes) -> tuple[dict, dict[str, bytes]]:
     (size,) = _LEN.unpack(blob[len(MAGIC):n])
     try:
         header = json.loads(bytes(blob[n:n + size]))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:
         raise DataError(MALFORMED_JSON, f"ArrayRecord header is not valid JSON: {e}") from None
     media, at = {}, n + size
-    for ref, length in header["media"]:
-        media[ref] = bytes(blob[at:at + length])
-        at += length
+    try:
+        for ref, length in header["media"]:
+            if not isinstance(ref, str) or not isinstance(length, int) or length < 0:
+                raise TypeError(f"media entry {[ref, length]!r}")
+            media[ref] = bytes(blob[at:at + length])
+            at += length
+        record = header["record"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(BAD_FORMAT, f"ArrayRecord header is not ours ({type(e).__name__}: {e})") from None
     if at != len(blob):
         raise DataError(BAD_FORMAT, f"ArrayRecord payload holds {len(blob)} bytes, its header describes {at}")
-    return header["record"], media
+    return check_record(record), media
 
 
 def write_array_record(jsonl_path, out_path, data_root=None) -> dict[str, int]:
@@ -265,10 +299,18 @@ def open_image(value) -> Image.Image:
     """Path string or MediaBlob -> RGB PIL image; DataError missing_image / corrupt_image."""
     if isinstance(value, MediaBlob):
         try:
-            with Image.open(io.BytesIO(value.data)) as image:
+            with warnings.catch_warnings():  # PIL's bomb warning: the size check below makes it an error
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(value.data))
+            with image:
+                check_decoded_size(image, value.name)
                 image.load()  # decode now so truncated data fails here (as load_image does for files)
                 return load_image(ImageOps.exif_transpose(image))
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        except ImageLoadError as e:
+            raise DataError(CORRUPT_IMAGE, str(e)) from None
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - PIL's decoders raise many types on damaged data
             raise DataError(CORRUPT_IMAGE, f"cannot read image {value.name}: {e}") from None
     if not os.path.isfile(value):
         raise DataError(MISSING_IMAGE, f"image {value} does not exist")

@@ -31,42 +31,79 @@ PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 _TRAILING_COMMA = re.compile(r",\s*(?=[\]}])")
 _FENCE = re.compile(r"```[A-Za-z]*")
 _OPEN = re.compile(r"[\[{]")
+MAX_TEXT = 1 << 20  # characters parsed; an answer is a few KB
+MAX_DEPTH = 32  # nesting of a JSON value worth parsing; an answer nests 3 deep
 
 
 # ------------------------------------------------------------------------------------------ parse
 
+def _openers(text: str, max_depth: int = MAX_DEPTH) -> list[int]:
+    """Indices of the '[' / '{' whose bracket closes and whose content nests at most max_depth
+    deep, by bracket counting in one linear pass. Only these are worth a JSON parse (the parser
+    itself decides what is JSON): a cut-off or absurdly deep one cannot be an answer, and skipping
+    it keeps hostile text linear in time. Quotes are not tracked, so an odd quote in the prose
+    around an answer cannot hide it; a bracket inside a label at worst adds a start to try."""
+    stack: list[list[int]] = []  # [opener index, deepest nesting inside]
+    ok: list[int] = []
+    for i, ch in enumerate(text):
+        if ch in "[{":
+            stack.append([i, 1])
+        elif ch in "]}" and stack:
+            opener, depth = stack.pop()
+            if depth <= max_depth:
+                ok.append(opener)
+            if stack:
+                stack[-1][1] = max(stack[-1][1], depth + 1)
+    return sorted(ok)
+
+
 def _json_values(text: str):
     """Every complete JSON array/object in `text`, left to right, without overlaps.
 
-    Starting at each '[' or '{' lets prose, fences and a truncated tail fall away: when the outer
-    list is cut off, its complete inner objects still parse one by one.
+    Starting at each balanced '[' or '{' lets prose, fences and a truncated tail fall away: when
+    the outer list is cut off, its complete inner objects still parse one by one.
     """
     decoder, pos = json.JSONDecoder(), 0
-    while (match := _OPEN.search(text, pos)) is not None:
+    for start in _openers(text):
+        if start < pos:
+            continue
         try:
-            value, pos = decoder.raw_decode(text, match.start())
+            value, pos = decoder.raw_decode(text, start)
             yield value
-        except json.JSONDecodeError:
-            pos = match.start() + 1
+        except (ValueError, RecursionError):  # not JSON, or an integer too long to convert
+            pass
 
 
 def _candidates(value):
-    """Dicts holding a box or point, found anywhere in a parsed value (also inside wrappers)."""
-    if isinstance(value, dict):
-        if BOX in value or POINT in value:
-            yield value
-        else:
-            for v in value.values():
-                yield from _candidates(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _candidates(v)
+    """Dicts holding a box or point, found anywhere in a parsed value (also inside wrappers), in
+    order; iterative, so nesting depth costs no stack."""
+    stack = [value]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if BOX in value or POINT in value:
+                yield value
+            else:
+                stack.extend(reversed(list(value.values())))
+        elif isinstance(value, list):
+            stack.extend(reversed(value))
+
+
+def _finite(v) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)  # an integer past float range overflows
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
 
 
 def _numbers(value, n: int) -> list[float] | None:
-    ok = (isinstance(value, (list, tuple)) and len(value) == n
-          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
-    return list(value) if ok else None
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        return None
+    numbers = [_finite(v) for v in value]
+    return None if None in numbers else numbers
 
 
 def _clean(entry: dict) -> dict | None:
@@ -92,7 +129,7 @@ def parse_grounding(text: str) -> list[dict]:
     """
     if not isinstance(text, str):
         return []
-    text = _TRAILING_COMMA.sub("", _FENCE.sub(" ", text))
+    text = _TRAILING_COMMA.sub("", _FENCE.sub(" ", text[:MAX_TEXT]))
     items = []
     for value in _json_values(text):
         items.extend(item for item in map(_clean, _candidates(value)) if item is not None)

@@ -7,6 +7,7 @@ top-p). Every knob is a traced value, so changing them never recompiles; tempera
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1 = off
 
     def validate(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value):  # NaN passes every comparison below
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:

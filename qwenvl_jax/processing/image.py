@@ -9,6 +9,7 @@ identical pixel_values, not on images.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,31 @@ VARIANTS = ("transformers", "qwen_vl_utils")
 
 class ImageLoadError(ValueError):
     """An image that cannot be read or is not an RGB-convertible picture."""
+
+
+# What one image may cost. Decoded: PIL's own bomb threshold (about 89M pixels), enforced as an error
+# from the header size before decoding (PIL only warns up to twice that). Resized: a pixel budget
+# (min_pixels / max_pixels) above 4x the released models' default max (16384 tokens) is refused
+# before any resize, so a small file with a huge budget cannot be blown up to fill memory.
+MAX_DECODED_PIXELS = 89_478_485
+MAX_BUDGET_PIXELS = 4 * 12845056
+
+
+def check_pixel_budget(min_pixels, max_pixels, where: str = "") -> None:
+    """ValueError naming the problem unless 1 <= min_pixels <= max_pixels <= MAX_BUDGET_PIXELS."""
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not 1 <= value <= MAX_BUDGET_PIXELS:
+            raise ValueError(f"{where}{name} must be a number in [1, {MAX_BUDGET_PIXELS}], got {value!r}")
+    if min_pixels > max_pixels:
+        raise ValueError(f"{where}min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")
+
+
+def check_decoded_size(image: Image.Image, name) -> None:
+    """From the header, before decoding: refuse an image that decompresses past MAX_DECODED_PIXELS."""
+    if image.width * image.height > MAX_DECODED_PIXELS:
+        raise ImageLoadError(f"cannot read image {name}: {image.width}x{image.height} pixels decompress past "
+                             f"the {MAX_DECODED_PIXELS}-pixel limit")
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 3136,
@@ -92,11 +118,17 @@ def load_image(src) -> Image.Image:
     if not path.is_file():
         raise ImageLoadError(f"cannot read image {path}: {'not a file' if path.exists() else 'no such file'}")
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():  # PIL's bomb warning: the size check below makes it an error
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            check_decoded_size(image, path)
             image.load()  # decode now so truncated files fail here, not later
             image = ImageOps.exif_transpose(image)
             return _to_rgb(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (ImageLoadError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL's decoders raise many types on damaged data: all mean "corrupt"
         reason = " ".join(str(e).split()) or type(e).__name__
         raise ImageLoadError(f"cannot read image {path}: {reason}") from None
 

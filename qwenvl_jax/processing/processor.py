@@ -18,14 +18,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from qwenvl_jax.processing.image import CLIP_MEAN, CLIP_STD, preprocess_image
+from qwenvl_jax.processing.image import CLIP_MEAN, CLIP_STD, check_pixel_budget, preprocess_image
 from qwenvl_jax.processing.text import (
     IMAGE_TOKEN,
     VIDEO_TOKEN,
+    ChatPrompt,
     Tokenizer,
     expand_vision_placeholders,
     load_chat_template,
+    message_texts,
     render_chat_template,
+    render_with_text_spans,
 )
 from qwenvl_jax.processing.video import preprocess_video
 
@@ -114,6 +117,7 @@ class Processor:
             raise FileNotFoundError(f"no image preprocessing config: {pre_file} does not exist")
         pre = _read_json(pre_file)
         min_pixels, max_pixels = _pixel_limits(pre)
+        check_pixel_budget(min_pixels, max_pixels, f"{pre_file}: ")
         video_file = path / "video_preprocessor_config.json"
         video_min, video_max = _pixel_limits(_read_json(video_file)) if video_file.is_file() else (None, None)
         return cls(Tokenizer.from_pretrained(path), chat_template=load_chat_template(path),
@@ -124,10 +128,24 @@ class Processor:
                    image_mean=pre.get("image_mean", CLIP_MEAN), image_std=pre.get("image_std", CLIP_STD))
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """HF messages -> prompt text with one <|image_pad|> / <|video_pad|> per image / video."""
+        """HF messages -> prompt text with one <|image_pad|> / <|video_pad|> per image / video.
+
+        Message text (any role) that spells a special token ("<|im_start|>", "<|image_pad|>", ...)
+        comes back as a ChatPrompt, whose message text this processor tokenizes as plain text: a
+        user cannot forge a turn or a vision placeholder, while the template's own markers stay
+        control tokens. (transformers tokenizes the whole rendered string, specials included.)"""
         kwargs = {**self.tokenizer.special_tokens_map, **kwargs}
-        return render_chat_template(messages, self.chat_template, add_generation_prompt=add_generation_prompt,
-                                    **kwargs)
+        prompt = render_chat_template(messages, self.chat_template, add_generation_prompt=add_generation_prompt,
+                                      **kwargs)
+        forged = sorted({t for text in message_texts(messages) for t in self.tokenizer.special_in(text)})
+        if not forged:
+            return prompt
+        marked = render_with_text_spans(messages, self.chat_template, add_generation_prompt=add_generation_prompt,
+                                        **kwargs)
+        if marked is None:
+            raise ValueError(f"message text holds control token strings {forged}, and this chat template "
+                             "changes message text, so it cannot be kept apart as plain text: remove them")
+        return marked
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -142,14 +160,17 @@ class Processor:
 
     def __call__(self, text: str | list[str], images=None, videos=None, *, fps: float | list[float] = 2.0,
                  padding_side: str = "left", min_pixels: int | None = None,
-                 max_pixels: int | None = None, raw_pixels: bool = False) -> dict[str, np.ndarray]:
+                 max_pixels: int | None = None, raw_pixels: bool = False, video_min_pixels: int | None = None,
+                 video_max_pixels: int | None = None) -> dict[str, np.ndarray]:
         """Prompts (with one pad token per image/video) + media -> dict of numpy arrays, HF key names.
 
         images: one image or a list (path / PIL / uint8 [H, W, 3]), in row-major order over the batch.
         videos: one video or a list; a video is a list of frames or uint8 [F, H, W, 3].
         fps: the frame rate of the given frames, one value or one per video; it only sets
         second_per_grid_ts = temporal_patch_size / fps.
-        min_pixels / max_pixels override the checkpoint's limits for this call (images and videos).
+        min_pixels / max_pixels override the checkpoint's limits for this call (images, and videos
+        unless video_min_pixels / video_max_pixels are given: frames read by read_video with a budget
+        of their own, as qwen-vl-utils does, then keep the checkpoint's video limits).
         raw_pixels: uint8 patches, not normalized (normalized on device by the model).
         """
         texts = [text] if isinstance(text, str) else list(text)
@@ -158,31 +179,44 @@ class Processor:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         images, videos = _image_list(images), _video_list(videos)
-        n_img = [t.count(self.image_token) for t in texts]
-        n_vid = [t.count(self.video_token) for t in texts]
+        # [(piece, is_message_text)] per row: message text of a ChatPrompt is plain text (no
+        # control tokens, no vision placeholders); everything else is template markup.
+        rows_segments = [t.segments() if isinstance(t, ChatPrompt) else [(t, False)] for t in texts]
+        n_img = [sum(p.count(self.image_token) for p, plain in row if not plain) for row in rows_segments]
+        n_vid = [sum(p.count(self.video_token) for p, plain in row if not plain) for row in rows_segments]
         _check_count("image", self.image_token, sum(n_img), len(images))
         _check_count("video", self.video_token, sum(n_vid), len(videos))
 
         out, img_tokens, vid_tokens = {}, [], []
-        if images:
+        if images:  # budgets checked before any image is resized (a huge one would fill memory)
+            check_pixel_budget(min_pixels or self.min_pixels, max_pixels or self.max_pixels, "image ")
             pv, grid, img_tokens = self._vision(images, preprocess_image, min_pixels or self.min_pixels,
                                                 max_pixels or self.max_pixels, raw_pixels)
             out.update(pixel_values=pv, image_grid_thw=grid)
         if videos:
-            pv, grid, vid_tokens = self._vision(videos, preprocess_video, min_pixels or self.video_min_pixels,
-                                                max_pixels or self.video_max_pixels, raw_pixels)
+            lo = video_min_pixels or min_pixels or self.video_min_pixels
+            hi = video_max_pixels or max_pixels or self.video_max_pixels
+            check_pixel_budget(lo, hi, "video ")
+            pv, grid, vid_tokens = self._vision(videos, preprocess_video, lo, hi, raw_pixels)
             fps = [fps] * len(videos) if np.isscalar(fps) else list(fps)
             if len(fps) != len(videos):
                 raise ValueError(f"fps has {len(fps)} values for {len(videos)} videos")
             second_per_grid_ts = np.array([self.temporal_patch_size / f for f in fps], np.float32)
             out.update(pixel_values_videos=pv, video_grid_thw=grid, second_per_grid_ts=second_per_grid_ts)
 
-        expanded, i, j = [], 0, 0
-        for t, a, b in zip(texts, n_img, n_vid):  # row-major: row r takes the next a images, b videos
-            expanded.append(expand_vision_placeholders(t, img_tokens[i:i + a], vid_tokens[j:j + b],
-                                                       self.image_token, self.video_token))
-            i, j = i + a, j + b
-        rows = self.tokenizer.encode_batch(expanded)
+        rows, i, j = [], 0, 0
+        for row in rows_segments:  # row-major: each placeholder takes the next image / video
+            ids = []
+            for piece, plain in row:
+                if plain:
+                    ids += self.tokenizer.encode_plain(piece)
+                    continue
+                a, b = piece.count(self.image_token), piece.count(self.video_token)
+                expanded = expand_vision_placeholders(piece, img_tokens[i:i + a], vid_tokens[j:j + b],
+                                                      self.image_token, self.video_token)
+                ids += self.tokenizer.encode(expanded)
+                i, j = i + a, j + b
+            rows.append(ids)
 
         length = max(len(r) for r in rows)
         input_ids = np.full((len(rows), length), self.pad_token_id, np.int64)  # [B, L]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import secrets
 from datetime import datetime
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class Tokenizer:
 
     def __init__(self, tokenizer: _HFTokenizer, config: dict | None = None):
         self._tok = tokenizer
+        self._plain = None  # a copy that encodes special tokens' strings as text (encode_plain)
         config = config or {}
         self.special_tokens_map = {k: _token_str(config[k]) for k in _SPECIAL_KEYS if _token_str(config.get(k))}
         decoder = config.get("added_tokens_decoder", {})
@@ -67,8 +69,18 @@ class Tokenizer:
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer: {file} does not exist")
         config_file = path / "tokenizer_config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        return cls(_HFTokenizer.from_file(str(file)), config)
+        try:
+            config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+            if not isinstance(config, dict):
+                raise ValueError(f"a JSON {type(config).__name__}, not an object")
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"{config_file}: not a readable tokenizer config ({e})") from None
+        try:
+            tokenizer = _HFTokenizer.from_file(str(file))
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+            text = str(e).strip().splitlines()
+            raise ValueError(f"{file}: not a readable tokenizer ({text[0] if text else type(e).__name__})") from None
+        return cls(tokenizer, config)
 
     @property
     def vocab_size(self) -> int:
@@ -104,6 +116,18 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_plain(self, text: str) -> list[int]:
+        """`text` as plain text: a special token's string in it ("<|im_start|>") becomes ordinary
+        tokens, never the control token (for text a user wrote, which must not forge turns)."""
+        if self._plain is None:
+            self._plain = _HFTokenizer.from_str(self._tok.to_str())
+            self._plain.encode_special_tokens = True
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def special_in(self, text: str) -> list[str]:
+        """The special tokens whose strings occur in `text`."""
+        return [t for t in self.special_tokens if t in text]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -171,10 +195,90 @@ def render_chat_template(messages: list[dict], template: str | None = None, *, a
     """HF-format messages -> prompt string. kwargs reach the template (e.g. add_vision_id, eos_token)."""
     if not messages:
         raise ValueError("cannot render an empty conversation")
+    if not all(isinstance(m, dict) for m in messages):
+        raise ValueError("every message must be a mapping with a role and content")
     messages = [{k: v for k, v in m.items() if v is not None} for m in _plain(list(messages))]
-    compiled = _compile(template or DEFAULT_CHAT_TEMPLATE)
-    return compiled.render(messages=messages, tools=None, documents=None,
-                           add_generation_prompt=add_generation_prompt, **_plain(kwargs))
+    try:
+        compiled = _compile(template or DEFAULT_CHAT_TEMPLATE)
+        return compiled.render(messages=messages, tools=None, documents=None,
+                               add_generation_prompt=add_generation_prompt, **_plain(kwargs))
+    except jinja2.exceptions.TemplateError as e:  # syntax, the sandbox refusing, raise_exception(...)
+        raise ValueError(f"chat template: {type(e).__name__}: {e}") from None
+
+
+class ChatPrompt(str):
+    """A rendered chat prompt that knows which character spans hold message text (`text_spans`,
+    sorted (start, end) pairs): Processor tokenizes those as plain text, so text that spells a
+    control token ("<|im_start|>system...") cannot open a turn; the template's own markers stay
+    control tokens. Any string operation returns a plain str (and the spans are gone)."""
+
+    text_spans: tuple[tuple[int, int], ...] = ()
+
+    def __new__(cls, text: str, text_spans=()):
+        prompt = super().__new__(cls, text)
+        prompt.text_spans = tuple(text_spans)
+        return prompt
+
+    def segments(self) -> list[tuple[str, bool]]:
+        """[(piece, is_message_text)] covering the prompt in order."""
+        out, at = [], 0
+        for start, end in self.text_spans:
+            if start > at:
+                out.append((self[at:start], False))
+            out.append((self[start:end], True))
+            at = end
+        if at < len(self):
+            out.append((self[at:], False))
+        return out
+
+
+def _with_sentinels(messages: list[dict], nonce: str) -> tuple[list[dict], list[str]]:
+    """Messages whose text (string content, text parts) is replaced by numbered sentinels."""
+    texts: list[str] = []
+
+    def mark(text: str) -> str:
+        texts.append(text)
+        return f"\ue000{nonce}{len(texts) - 1}\ue001"
+
+    out = []
+    for m in messages:
+        m = dict(m)
+        content = m.get("content")
+        if isinstance(content, str):
+            m["content"] = mark(content)
+        elif isinstance(content, list):
+            m["content"] = [dict(part, text=mark(part["text"])) if isinstance(part, dict)
+                            and isinstance(part.get("text"), str) else part for part in content]
+        out.append(m)
+    return out, texts
+
+
+def message_texts(messages: list[dict]) -> list[str]:
+    """Every text of the messages (string contents and text parts), in order."""
+    return _with_sentinels([m for m in messages if isinstance(m, dict)], "")[1]
+
+
+def render_with_text_spans(messages: list[dict], template: str | None = None, *, add_generation_prompt: bool = True,
+                           **kwargs) -> ChatPrompt | None:
+    """The prompt render_chat_template gives, as a ChatPrompt with the spans of message text in it;
+    None when the template changes message text on the way (trims it, say), so spans are unknown."""
+    plain = render_chat_template(messages, template, add_generation_prompt=add_generation_prompt, **kwargs)
+    nonce = secrets.token_hex(8)
+    marked, texts = _with_sentinels([m for m in messages if isinstance(m, dict)], nonce)
+    rendered = render_chat_template(marked, template, add_generation_prompt=add_generation_prompt, **kwargs)
+    pieces, spans, at, length = [], [], 0, 0
+    for m in re.finditer(f"\ue000{nonce}(\\d+)\ue001", rendered):
+        text = texts[int(m.group(1))]
+        pieces.append(rendered[at:m.start()])
+        length += m.start() - at
+        spans.append((length, length + len(text)))
+        pieces.append(text)
+        length += len(text)
+        at = m.end()
+    pieces.append(rendered[at:])
+    if "".join(pieces) != plain:
+        return None
+    return ChatPrompt(plain, [s for s in spans if s[1] > s[0]])
 
 
 # ---------------------------------------------------------------------------------------- placeholders

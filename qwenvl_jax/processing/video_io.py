@@ -244,6 +244,13 @@ def read_video(src, *, fps: float = FPS, nframes: int | None = None, min_frames:
     Raises VideoLoadError (a ValueError) naming the path and the reason.
     """
     path = Path(src)
+    for name, value in (("fps", fps), ("nframes", nframes), ("min_pixels", min_pixels), ("max_pixels", max_pixels),
+                        ("total_pixels", total_pixels)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise _error(path, f"{name} must be a positive number, got {value!r}")
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise _error(path, f"min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")
     plan = _Plan(fps=fps, nframes=nframes, min_frames=min_frames, max_frames=max_frames, min_pixels=min_pixels,
                  max_pixels=max_pixels, total_pixels=total_pixels)
     suffix = path.suffix.lower()
@@ -252,6 +259,8 @@ def read_video(src, *, fps: float = FPS, nframes: int | None = None, min_frames:
             raise _error(path, "no such file or directory")
         if path.is_dir():
             frames, total, video_fps = _read_directory(path, plan, fps)
+        elif not path.is_file():  # a FIFO or a device would block or never end
+            raise _error(path, "not a regular file or a frame directory (a pipe, socket or device)")
         elif suffix in ANIMATED_SUFFIXES:
             frames, total, video_fps = _read_animated(path, plan, fps)
         elif suffix in VIDEO_SUFFIXES:
@@ -259,8 +268,8 @@ def read_video(src, *, fps: float = FPS, nframes: int | None = None, min_frames:
         else:
             raise _error(path, f"unsupported extension {suffix or '(none)'!r}; expected a frame directory or one "
                                f"of {', '.join(sorted(VIDEO_SUFFIXES | ANIMATED_SUFFIXES))}")
-    except VideoLoadError:
+    except (VideoLoadError, MemoryError, ImportError):  # a missing PyAV says how to install it
         raise
-    except (ValueError, OSError) as e:  # too few frames, extreme aspect ratio, unreadable frame image
+    except Exception as e:  # noqa: BLE001 - decoders (PIL, PyAV) raise many types on damaged data: all mean "corrupt"
         raise _error(path, e) from None
     return frames, frames.shape[0] / total * video_fps

@@ -13,6 +13,7 @@ Stages (the Qwen2.5-VL recipe) decide which parameter groups train:
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,8 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
         if t.remat not in ("none", "full", "dots"):
             raise ConfigError(f"train.remat must be none, full or dots, got {t.remat!r}")
+        if not 0 <= t.seed < 2**32:
+            raise ConfigError(f"train.seed must be in [0, 2**32), got {t.seed}")
         if t.loss_chunk < 0:
             raise ConfigError(f"train.loss_chunk must be >= 0 (0: the whole row at once), got {t.loss_chunk}")
         if self.optim.learning_rate <= 0:
@@ -177,6 +180,8 @@ def _coerce(value, typ, where: str):
                 continue
             if option is int and isinstance(value, float) and not value.is_integer():
                 continue
+            if option is float and not math.isfinite(number):  # NaN passes every `< 0` check
+                raise ConfigError(f"{where}: must be a finite number, got {value!r}")
             return number
         if option is str and isinstance(value, str):
             return value

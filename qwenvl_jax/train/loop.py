@@ -85,6 +85,50 @@ def _model_and_tokenizer(cfg: TrainConfig, out: Path):
     return config, init_from, tokenizer, data_path, resolve_data_root(data_path, root)
 
 
+def _restore_latest_readable(mngr, make_args, out: Path):
+    """(step, restored) from the newest checkpoint that restores. An unreadable one (a write cut
+    short, a corrupted file) is moved to output_dir/checkpoints_unreadable/ with a warning, and the
+    one before it is tried; none readable is one error naming the folder."""
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+        try:
+            return step, mngr.restore(step, args=make_args())
+        except Exception as e:  # noqa: BLE001 - whatever orbax raises for a damaged step, try the previous
+            text = str(e).strip().splitlines()
+            reason = f"{type(e).__name__}: {text[0][:200] if text else ''}"
+            aside = out / "checkpoints_unreadable" / str(step)
+            after = f"resuming from step {steps[i + 1]}" if i + 1 < len(steps) else "no earlier checkpoint"
+            say(f"warning: checkpoint step {step} cannot be restored ({reason}); moved to {aside}; {after}",
+                file=sys.stderr)
+            if distributed.is_main_process():
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                (Path(mngr.directory) / str(step)).rename(aside.with_name(f"{step}-{int(time.time())}")
+                                                           if aside.exists() else aside)
+            _sync(f"set aside checkpoint {step}")
+            mngr.reload()
+    raise ConfigError(f"{out / 'checkpoints'}: no checkpoint can be restored (tried steps {steps}; "
+                      f"they are in {out / 'checkpoints_unreadable'})")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keeps the metrics rows of steps <= `step` (and drops a line cut short by a kill)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+
+    def step_of(line):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    keep = [line for line in lines if (n := step_of(line)) is not None and n <= step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(path)
+
+
 def _sync(name: str):
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -151,15 +195,19 @@ def run(cfg: TrainConfig) -> dict:
             enable_async_checkpointing=cfg.checkpoint.async_save))
     start = 0
     if mngr.latest_step() is not None:
-        start = mngr.latest_step()
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state_abstract,
                               state_sharding)
-        restored = mngr.restore(start, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(iterator)))
+        start, restored = _restore_latest_readable(mngr, lambda: ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(iterator)), out)
         state = restored["state"]
         say(f"resumed from step {start} ({out / 'checkpoints'})", file=sys.stderr)
-        if start >= t.steps:
+        if start > t.steps:
+            raise ConfigError(f"train.steps={t.steps} is below step {start} of the checkpoint in "
+                              f"{out / 'checkpoints'}: raise train.steps, or give a new output_dir")
+        if start == t.steps:
             say(f"train.steps={t.steps} already done: no step to run", file=sys.stderr)
+        if distributed.is_main_process():  # steps past the checkpoint (a kill) are run again: drop their rows
+            _truncate_metrics(out / "metrics.jsonl", start)
 
     _, slots = data.budgets(config.vision.window_patches)
     step_cfg = steplib.StepConfig(groups=cfg.trainable, remat=t.remat, window_len=config.vision.window_patches,

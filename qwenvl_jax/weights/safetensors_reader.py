@@ -56,6 +56,8 @@ class SafetensorsFile:
             header = json.loads(os.pread(self._fd, n, 8))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SafetensorsFormatError(f"header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise SafetensorsFormatError(f"header is a JSON {type(header).__name__}, not an object")
         self._data_start = 8 + n
         header.pop("__metadata__", None)
         entries = {}
@@ -66,6 +68,8 @@ class SafetensorsFile:
                 begin, end = (int(x) for x in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise SafetensorsFormatError(f"tensor {name!r}: unsupported or malformed entry {info}") from None
+            if begin < 0 or min(shape, default=0) < 0:
+                raise SafetensorsFormatError(f"tensor {name!r}: negative offset or dimension in {info}")
             if end - begin != math.prod(shape) * dtype.itemsize:
                 raise SafetensorsFormatError(f"tensor {name!r}: {end - begin} bytes for shape {list(shape)} "
                                              f"of {info['dtype']}")

@@ -249,3 +249,21 @@ def test_make_dataset_resolves_media_against_the_data_files_directory(tmp_path, 
     assert read(None) == (1, {})  # ../data/img/a.png
     assert read("../other") == (0, {"missing_image": 1})  # ../other/img/a.png: not there
     assert read(str(data_dir)) == (1, {})
+
+
+def test_hostile_records_are_counted_skips(chat_checkpoint, tmp_path, capsys):
+    """Every hostile line (tests/data/hostile_records.py) through the whole pipeline (--stats): a
+    counted skip, and the good record still trains; exit status 0."""
+    from hostile_records import GOOD, hostile_lines
+
+    from qwenvl_jax.data.__main__ import main
+
+    _picture(tmp_path / "a.png", (60, 90), 0)
+    lines = hostile_lines(n_random=100) + [json.dumps(GOOD)]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["--checkpoint", str(chat_checkpoint[0]), "--data", str(tmp_path / "d.jsonl"), "--seq-len", "384",
+                 "--patch-budget", "768", "--stats"]) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["records"] == len(lines) and stats["samples"] >= 1
+    assert stats["samples"] + sum(stats["skipped"].values()) == len(lines)
+    assert set(stats["skipped"]) <= set(REASONS)

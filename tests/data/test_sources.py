@@ -222,3 +222,37 @@ def test_open_video_from_path_and_blob(tmp_path):
     with pytest.raises(DataError, match="cannot read video v/bad.gif") as e:
         open_video(MediaBlob("v/bad.gif", b"GIF89a garbage"))
     assert e.value.reason == "corrupt_video"
+
+
+def test_hostile_lines_are_data_errors_or_records():
+    """parse_line on every hostile line: a shallow dict or a DataError with a known reason, never
+    another exception (RecursionError, ValueError from long integers, ...)."""
+    from hostile_records import hostile_lines
+
+    from qwenvl_jax.data.formats import REASONS, DataError
+    from qwenvl_jax.data.sources import MAX_NESTING, _nesting, parse_line
+
+    lines = hostile_lines()
+    errors = 0
+    for line in lines:
+        try:
+            record = parse_line(line.encode("utf-8", "surrogateescape"))
+        except DataError as e:
+            assert e.reason in REASONS
+            errors += 1
+        else:
+            assert isinstance(record, dict) and _nesting(record) <= MAX_NESTING
+    assert errors >= 12
+
+
+def test_array_record_conversion_counts_hostile_lines(tmp_path):
+    from hostile_records import GOOD, hostile_lines
+
+    from qwenvl_jax.data.sources import write_array_record
+
+    Image.new("RGB", (56, 56)).save(tmp_path / "a.png")
+    lines = hostile_lines(n_random=50) + [json.dumps(GOOD)]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    counts = write_array_record(tmp_path / "d.jsonl", tmp_path / "d.arrayrecord")
+    skipped = counts.get("malformed_json", 0) + counts.get("bad_format", 0)
+    assert counts["records"] >= 1 and skipped >= 12 and counts["records"] + skipped == len(lines)

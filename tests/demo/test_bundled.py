@@ -19,10 +19,10 @@ FRESH_SEED = 20261129
 N_FRESH = 100  # ~25 questions of each form
 # Targets (issue 20, on 500 held-out pictures): grounding IoU >= 0.5 for >= 85% of one-shape boxes,
 # colour and kind >= 95% each, counting 1-5 shapes >= 90%. ~25 questions per form: each bar sits a
-# sampling margin below its target. The shipped checkpoint reaches grounding and colour; kind (57%)
-# and counting (72%) are below target and asserted at what it measured, so a regression still fails
+# sampling margin below its target. The shipped checkpoint reaches grounding and colour; kind (76%)
+# and counting (77%) are below target and asserted at what it measured, so a regression still fails
 # (issue 20 stays open until a recipe reaches them: docs/demo_model.md).
-MIN_SCORES = {"ground": ("iou50", 0.75), "color": ("accuracy", 0.87), "kind": ("accuracy", 0.45),
+MIN_SCORES = {"ground": ("iou50", 0.75), "color": ("accuracy", 0.87), "kind": ("accuracy", 0.58),
               "count_all": ("accuracy", 0.60)}
 
 

@@ -4,6 +4,8 @@ Expected items and coordinates are written out by hand; the drawing is checked b
 back and looking at pixels on and far from the drawn shapes.
 """
 
+import math
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -112,3 +114,43 @@ def test_draw_grounding_marks_boxes_and_points_only(tmp_path):
         assert white[y, x], (x, y)
     assert white.mean() > 0.7  # boxes are outlines, not fills
     assert (np.asarray(image) == 255).all()  # the input image is not drawn on
+
+
+def test_hostile_model_output_never_raises_and_stays_fast():
+    """Deep nesting, numbers past float range, non-numbers and random damage to a valid answer:
+    parse_grounding returns what is valid (maybe nothing), never raises, in bounded time."""
+    import random
+    import time
+
+    depth = 200_000
+    hostile = ["[" * depth, "{" * depth, '{"a":' * depth, "[1," * depth, "[{" * depth + "]",
+               '[{"bbox_2d": [' + "9" * 5000 + ', 1, 2, 3]}]', f'[{{"bbox_2d": [{10**400}, 1, 2, 3]}}]',
+               '[{"bbox_2d": [1e999, 1, 2, 3]}]', '[{"bbox_2d": [NaN, 1, 2, 3]}]', '[{"bbox_2d": [true, 1, 2, 3]}]',
+               '[{"point_2d": ["1", 2]}]', '[{"bbox_2d": {"x": 1}}]', "```json\n" * 10_000]
+    valid = '```json\n[{"bbox_2d": [10, 20, 30, 40], "label": "cat"}, {"point_2d": [5, 6], "label": "nose"}]\n```'
+    rng = random.Random(0)
+    for _ in range(300):
+        chars = list(valid)
+        for _ in range(rng.randint(1, 8)):
+            at = rng.randrange(len(chars))
+            op = rng.random()
+            if op < 0.4:
+                del chars[at]
+            elif op < 0.8:
+                chars.insert(at, rng.choice('[]{},:"9e-.x \n'))
+            else:
+                chars[at] = rng.choice('[]{}"')
+        hostile.append("".join(chars))
+    t0 = time.perf_counter()
+    for text in hostile:
+        items = parse_grounding(text)
+        for item in items:
+            assert all(math.isfinite(v) for v in item.get("bbox_2d", []) + item.get("point_2d", []))
+    assert time.perf_counter() - t0 < 20
+    assert parse_grounding(hostile[5] + valid)[0]["label"] == "cat"  # the valid answer after the damage still parses
+    assert parse_grounding(hostile[0] + valid)[0]["label"] == "cat"
+
+
+def test_prose_with_odd_quotes_or_bracketed_labels():
+    assert parse_grounding('Here is "the answer: [{"bbox_2d": [1, 2, 3, 4], "label": "cat"}]')[0]["label"] == "cat"
+    assert parse_grounding('[{"bbox_2d": [1, 2, 3, 4], "label": "a[b"}]')[0]["label"] == "a[b"

@@ -5,6 +5,8 @@ practice they are bit-identical); the patch layout is checked against an index f
 from SPEC 1.4, independent of the reshape/transpose in the code.
 """
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -216,3 +218,40 @@ def test_bad_array_is_rejected():
         load_image(np.zeros((10, 10, 3), np.float32))
     with pytest.raises(ImageLoadError, match="PIL image"):
         load_image(3.14)
+
+
+def _png_header(path, width, height):
+    """A PNG whose header claims width x height (its pixel data is missing): tiny on disk."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 1000)  # far less than the header promises
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("size", [(10_000, 9_000), (30_000, 30_000), (100_000, 1_000)])
+def test_decompression_bombs_are_refused_from_the_header(tmp_path, size):
+    """Past MAX_DECODED_PIXELS (PIL only warns below twice its limit): an error before decoding."""
+    from qwenvl_jax.processing.image import MAX_DECODED_PIXELS, ImageLoadError, load_image
+
+    assert size[0] * size[1] > MAX_DECODED_PIXELS
+    _png_header(tmp_path / "bomb.png", *size)
+    with pytest.raises(ImageLoadError, match=r"bomb.png: .*(pixels decompress past|exceeds limit)"):
+        load_image(tmp_path / "bomb.png")
+
+
+@pytest.mark.parametrize("budget,needle", [
+    (dict(min_pixels=10**10), "min_pixels must be a number in"),
+    (dict(max_pixels=10**12), "max_pixels must be a number in"),
+    (dict(min_pixels=5000, max_pixels=4000), "min_pixels (5000) must not exceed max_pixels (4000)"),
+    (dict(max_pixels=float("nan")), "max_pixels must be a number in"),
+])
+def test_pixel_budgets_are_checked_before_resizing(budget, needle):
+    from qwenvl_jax.processing.image import check_pixel_budget
+
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        check_pixel_budget(budget.get("min_pixels", 3136), budget.get("max_pixels", 12845056))

@@ -7,6 +7,7 @@ frames are solid colours so every sampled frame can be identified after decoding
 
 import itertools
 import math
+import re
 import sys
 
 import av
@@ -211,3 +212,36 @@ def test_missing_pyav_says_how_to_install(tmp_path, monkeypatch):
 def test_second_per_grid_t():
     assert second_per_grid_t(2.0) == 1.0 and second_per_grid_t(0.5, temporal_patch_size=4) == 8.0
     assert math.isclose(second_per_grid_t(4 / 37 * 29.97), 2 / (4 / 37 * 29.97))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "socket"])
+def test_special_files_are_refused_not_read(tmp_path, kind):
+    """A pipe, device or socket named like a video would block (or never end) if opened: refused by kind."""
+    import os
+    import socket
+
+    path = tmp_path / "clip.mp4"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+    else:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(path))
+    with pytest.raises(VideoLoadError, match=r"clip.mp4.*not a regular file"):
+        read_video(path)
+
+
+@pytest.mark.parametrize("options,needle", [
+    (dict(fps=0), "fps must be a positive number, got 0"),
+    (dict(fps=float("nan")), "fps must be a positive number"),
+    (dict(nframes=-2), "nframes must be a positive number"),
+    (dict(total_pixels=float("inf")), "total_pixels must be a positive number"),
+    (dict(min_pixels=50_000, max_pixels=20_000), "min_pixels (50000) must not exceed max_pixels (20000)"),
+])
+def test_bad_read_options_are_refused(tmp_path, options, needle):
+    frames = [Image.new("RGB", (56, 56), (i * 40, 0, 0)) for i in range(4)]
+    gif = tmp_path / "clip.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=250, loop=0)
+    with pytest.raises(VideoLoadError, match=re.escape(needle)):
+        read_video(gif, **options)

@@ -60,3 +60,32 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, capsys):
     assert main(ARGS + [f"output_dir={cut}"]) == 0
     assert "resumed from step" in capsys.readouterr().err
     assert _losses(cut) == _losses(full)
+
+
+def test_unreadable_checkpoint_falls_back_and_metrics_do_not_repeat(tmp_path, capsys):
+    """A damaged latest checkpoint is set aside with a warning and the one before it resumes (the
+    re-run steps give the same losses); metrics.jsonl rows past the checkpoint (a kill) are dropped,
+    not repeated; train.steps below the checkpoint's step is one error line."""
+    out = tmp_path / "run"
+    args = ARGS + [f"output_dir={out}", "train.steps=4", "checkpoint.every=2"]
+    assert main(args) == 0
+    first = _losses(out)
+    assert sorted(first) == [1, 2, 3, 4]
+    damaged = [f for f in (out / "checkpoints" / "4").rglob("*") if f.is_file()]
+    assert damaged
+    for f in damaged:
+        f.write_bytes(b"\0garbage")
+    with open(out / "metrics.jsonl", "a") as f:  # steps 5-6 ran before a kill, then half a line
+        f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n" + json.dumps({"step": 6, "loss": 1.0}) + "\n{\"st")
+    capsys.readouterr()
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "checkpoint step 4 cannot be restored" in err and "resuming from step 2" in err
+    assert (out / "checkpoints_unreadable" / "4").is_dir()
+    rows = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3, 4]
+    assert _losses(out) == first  # steps 3-4 re-run from step 2's state and data position
+
+    assert main(ARGS + [f"output_dir={out}", "train.steps=3"]) == 1
+    err = capsys.readouterr().err
+    assert "train.steps=3 is below step 4 of the checkpoint" in err and len(err.strip().splitlines()) <= 3

@@ -1,5 +1,6 @@
 """Training configs: every shipped recipe loads; dotted overrides; bad values are one clear error."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,34 @@ def test_bad_values(override, needle):
     with pytest.raises(ConfigError) as e:
         load_train_config(CONFIGS[0], [override])
     assert needle in str(e.value)
+
+
+def _float_keys(cls, prefix=""):
+    """Dotted keys of every float field in the config tree (optional floats included)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            yield from _float_keys(typ, f"{prefix}{f.name}.")
+        elif typ is float or float in typing.get_args(typ):
+            yield f"{prefix}{f.name}"
+
+
+def test_every_float_key_refuses_non_finite_values():
+    from qwenvl_jax.train.config import TrainConfig
+
+    keys = list(_float_keys(TrainConfig))
+    assert {"optim.learning_rate", "optim.vision_lr_scale"} <= set(keys) and len(keys) > 8
+    for key in keys:
+        for raw in ("nan", ".nan", ".inf", "-.inf", "1e999"):
+            with pytest.raises(ConfigError, match=rf"{re.escape(key)}: must be a finite number"):
+                load_train_config(CONFIGS[0], [f"{key}={raw}"])
+
+
+def test_seed_out_of_range():
+    for seed in ("-1", str(2**32), str(2**70)):
+        with pytest.raises(ConfigError, match=r"train.seed must be in \[0, 2\*\*32\)"):
+            load_train_config(CONFIGS[0], [f"train.seed={seed}"])

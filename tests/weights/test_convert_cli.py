@@ -31,3 +31,21 @@ def test_convert_bad_checkpoint_is_one_line(tmp_path):
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and "config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_convert_output_problems_before_loading(tiny_checkpoint, tmp_path, capsys):
+    """A bad --out or shard size is one line before any loading, and nothing is written."""
+    from qwenvl_jax import convert
+
+    src, _ = tiny_checkpoint("tied_w56")
+    a_file = tmp_path / "taken"
+    a_file.write_text("keep me")
+    capsys.readouterr()  # the fixture's own output
+    for extra, needle in ((["--out", str(a_file)], "is a file, not a directory"),
+                          (["--out", str(tmp_path / "o"), "--max-shard-size-gb", "nan"], "must be a positive number"),
+                          (["--out", str(tmp_path / "o"), "--max-shard-size-gb", "0"], "must be a positive number"),
+                          (["--out", str(a_file / "sub")], "cannot write into")):
+        assert convert.main(["--checkpoint", str(src), *extra]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+    assert a_file.read_text() == "keep me" and not (tmp_path / "o").exists()
