@@ -278,9 +278,20 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def is_finite_number(value) -> bool:
+    """An int or float (not a bool) of finite value: what every numeric input must be checked to be
+    first (NaN passes every `< 0` check; an int past float range is no usable number either)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _number(val, kind, where: str, positive: bool):
     """val as `kind` (int or float): right type, finite, and > 0 for sizes (>= 0 for token ids)."""
-    ok = isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val)
+    ok = is_finite_number(val)
     if ok and kind is int:
         ok = float(val).is_integer()
     if not ok:

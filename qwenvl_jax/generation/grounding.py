@@ -18,11 +18,11 @@ Sizes are (height, width) throughout, like smart_resize's result (PIL's `.size` 
 from __future__ import annotations
 
 import json
-import math
 import re
 
 from PIL import Image, ImageDraw, ImageFont
 
+from qwenvl_jax.config import is_finite_number
 from qwenvl_jax.processing.image import load_image  # same loader (EXIF turn) as the processor saw
 
 BOX, POINT = "bbox_2d", "point_2d"
@@ -90,13 +90,7 @@ def _candidates(value):
 
 
 def _finite(v) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    try:
-        f = float(v)  # an integer past float range overflows
-    except OverflowError:
-        return None
-    return f if math.isfinite(f) else None
+    return float(v) if is_finite_number(v) else None
 
 
 def _numbers(value, n: int) -> list[float] | None:

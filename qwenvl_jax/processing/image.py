@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from qwenvl_jax.config import is_finite_number
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RESCALE_FACTOR = 1 / 255
@@ -36,8 +38,7 @@ MAX_BUDGET_PIXELS = 4 * 12845056
 def check_pixel_budget(min_pixels, max_pixels, where: str = "") -> None:
     """ValueError naming the problem unless 1 <= min_pixels <= max_pixels <= MAX_BUDGET_PIXELS."""
     for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not 1 <= value <= MAX_BUDGET_PIXELS:
+        if not is_finite_number(value) or not 1 <= value <= MAX_BUDGET_PIXELS:
             raise ValueError(f"{where}{name} must be a number in [1, {MAX_BUDGET_PIXELS}], got {value!r}")
     if min_pixels > max_pixels:
         raise ValueError(f"{where}min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")

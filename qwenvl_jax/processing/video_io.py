@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from qwenvl_jax.config import is_finite_number
 from qwenvl_jax.processing.image import load_image, resize, smart_resize
 
 # qwen-vl-utils constants (identical in 0.0.10 and 0.0.14, SPEC 2.1)
@@ -246,8 +247,7 @@ def read_video(src, *, fps: float = FPS, nframes: int | None = None, min_frames:
     path = Path(src)
     for name, value in (("fps", fps), ("nframes", nframes), ("min_pixels", min_pixels), ("max_pixels", max_pixels),
                         ("total_pixels", total_pixels)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value) or value <= 0):
+        if value is not None and not (is_finite_number(value) and value > 0):
             raise _error(path, f"{name} must be a positive number, got {value!r}")
     if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
         raise _error(path, f"min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")

@@ -57,6 +57,15 @@ def say(*args, **kwargs):
         print(*args, **kwargs)
 
 
+def preset_config(preset: str, processor: Processor) -> Qwen25VLConfig:
+    """A from-scratch model's config: the preset, with the special token ids of the tokenizer it
+    will be trained with."""
+    hf = Qwen25VLConfig.from_preset(preset).to_hf_dict()
+    hf.update(image_token_id=processor.image_token_id, video_token_id=processor.video_token_id,
+              vision_start_token_id=processor.vision_start_token_id, vision_end_token_id=processor.vision_end_token_id)
+    return Qwen25VLConfig.from_hf_dict(hf)
+
+
 def _model_and_tokenizer(cfg: TrainConfig, out: Path):
     """(model config, init_from as a local directory (a hub id resolved) or None, tokenizer directory,
     data file, data root: data.root, else the data file's directory)."""
@@ -74,13 +83,7 @@ def _model_and_tokenizer(cfg: TrainConfig, out: Path):
     if init_from:
         config = Qwen25VLConfig.from_hf_file(init_from)
     else:
-        config = Qwen25VLConfig.from_preset(cfg.model.preset)
-        tok = Processor.from_pretrained(tokenizer)  # a new model takes the tokenizer's special ids
-        hf = config.to_hf_dict()
-        hf.update(image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
-                  vision_start_token_id=tok.tokenizer.token_to_id("<|vision_start|>"),
-                  vision_end_token_id=tok.tokenizer.token_to_id("<|vision_end|>"))
-        config = Qwen25VLConfig.from_hf_dict(hf)
+        config = preset_config(cfg.model.preset, Processor.from_pretrained(tokenizer))
     config = with_attention_impl(config, cfg.model.attention_impl)
     return config, init_from, tokenizer, data_path, resolve_data_root(data_path, root)
 

@@ -9,11 +9,10 @@ serves it from the cache with no network, and the rest of the library reads it a
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from qwenvl_jax.weights.files import BIN, BIN_INDEX, SAFE, SAFE_INDEX, SIDE_FILES, CheckpointError
+from qwenvl_jax.weights.files import BIN, BIN_INDEX, SAFE, SAFE_INDEX, SIDE_FILES, CheckpointError, read_index
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -86,11 +85,7 @@ class _Snapshot:
                 break
             index_file = self.get(index, required=False)
             if index_file:
-                try:
-                    shards = dict.fromkeys(json.loads(index_file.read_text())["weight_map"].values())
-                except (OSError, ValueError, KeyError, AttributeError) as e:
-                    raise CheckpointError(f"{index_file}: not a valid checkpoint index ({e})") from None
-                for shard in shards:
+                for shard in dict.fromkeys(read_index(index_file).values()):
                     self.get(shard, required=True)
                 break
         else:

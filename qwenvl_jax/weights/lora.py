@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwenvl_jax.config import is_finite_number
 from qwenvl_jax.weights import hf_keys
 from qwenvl_jax.weights.files import CheckpointError
 
@@ -44,8 +45,7 @@ def pattern_value(patterns: dict, module: str, default):
 
 
 def _positive(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and value > 0)
+    return is_finite_number(value) and value > 0
 
 
 class LoraAdapter:

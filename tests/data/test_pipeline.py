@@ -9,7 +9,6 @@ from hf_reference import rel_err
 from PIL import Image
 
 from qwenvl_jax.batch import ModelInputs
-from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.data.formats import REASONS
 from qwenvl_jax.data.pipeline import DataConfig, SampleEncoder, batch_vision, make_dataset, open_source, skip_report
 from qwenvl_jax.model.vision_layout import stack_rows, vision_inputs
@@ -223,15 +222,12 @@ def test_make_dataset_resolves_media_against_the_data_files_directory(tmp_path, 
     """The data-root rule through the library reader: with no data_root, make_dataset resolves a
     JSONL's relative media paths against the file's directory, not the current one; an explicit
     data_root overrides it (and the caller's encoder is left as it was)."""
+    from qwenvl_jax.train.loop import preset_config
     from qwenvl_jax.train.synthetic import write_synthetic_dataset
 
     tok = write_synthetic_dataset(tmp_path / "tok", samples=1)  # a tiny tokenizer + processor config
     processor = Processor.from_pretrained(tok)
-    hf = Qwen25VLConfig.from_preset("tiny").to_hf_dict()
-    hf.update(image_token_id=processor.image_token_id, video_token_id=processor.video_token_id,
-              vision_start_token_id=processor.tokenizer.token_to_id("<|vision_start|>"),
-              vision_end_token_id=processor.tokenizer.token_to_id("<|vision_end|>"))
-    config = Qwen25VLConfig.from_hf_dict(hf)
+    config = preset_config("tiny", processor)
     data_dir, elsewhere, other_root = tmp_path / "data", tmp_path / "elsewhere", tmp_path / "other"
     for d in (data_dir / "img", elsewhere, other_root):
         d.mkdir(parents=True)

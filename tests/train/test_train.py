@@ -86,16 +86,10 @@ DATA = DataConfig(seq_len=128, patch_budget=256, max_items=8, batch_size=2, pack
 
 
 def _setup(synthetic, mesh=None, groups=steplib.GROUPS, lr=3e-3, steps=100, eps=1e-8):
-    from qwenvl_jax.train.loop import _model_and_tokenizer  # noqa: F401  (same config path as the CLI)
+    from qwenvl_jax.train.loop import preset_config  # the config path of the CLI
 
     processor = Processor.from_pretrained(synthetic)
-    from qwenvl_jax.config import Qwen25VLConfig
-
-    hf = Qwen25VLConfig.from_preset("tiny").to_hf_dict()
-    hf.update(image_token_id=processor.image_token_id, video_token_id=processor.video_token_id,
-              vision_start_token_id=processor.tokenizer.token_to_id("<|vision_start|>"),
-              vision_end_token_id=processor.tokenizer.token_to_id("<|vision_end|>"))
-    config = Qwen25VLConfig.from_hf_dict(hf)
+    config = preset_config("tiny", processor)
     layout = Layout.create(mesh).for_model(config)
     graphdef, abstract = abstract_model(config, jnp.float32)
     shardings = nnx.to_pure_dict(param_shardings(abstract, layout))
