@@ -1,28 +1,152 @@
-"""Generation speed of our engine vs HF transformers' `generate`, side by side on one machine.
+"""Generation speed of our engine vs HF transformers' `generate`, and vs the machine's own limits,
+side by side in one run.
 
-    python bench/generate.py [--new-tokens 64] [--image 224] [--batches 1,8]
+    python bench/generate.py [--model small] [--new-tokens 64] [--image 224] [--batches 1,8]
+                             [--long 4096] [--runs 5]
 
 Same random checkpoint and prompt (text + one image per row), greedy, exactly --new-tokens tokens
-(no stop token). HF's prefill is one forward over the prompt; its decode rate is
-(new_tokens - 1) * batch / (time of generate(new_tokens) - time of generate(1)). Ours comes from the
-engine's own prefill/decode timers, compile time excluded. Also counts our compilations over 5
-different prompt lengths. Prints ratios (> 1: we are faster).
+(no stop token). Measured in the same run:
+* the machine's stream bandwidth (the best of a large f32 matrix-vector product and a large sum)
+  and its f32 matmul peak (a 2048^3 product), both through XLA on this machine;
+* ours: prefill time and the decode step time (decode time / steps, from the engine's timers,
+  compile time excluded); HF: prefill = one forward over the prompt, decode step = the median gap
+  between consecutive calls of a stopping criterion (once per generated token);
+* each decode step as a fraction of its roofline: (bytes of the text weights + bytes of the filled
+  KV cache) / stream bandwidth, over the measured step time; each prefill as a fraction of the
+  matmul peak (analytic FLOPs of the ViT and the LLM over the prompt);
+* a long-cache case: one text prompt filling --long cache slots.
+Each figure is the median over --runs runs, with the min-max spread. Ratios > 1: we are faster.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 from common import CONFIGS, TOKENS, image_batch
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
 
+from qwenvl_jax.buckets import bucket
+from qwenvl_jax.flops import text_forward_flops_per_token, vision_forward_flops_per_patch
 from qwenvl_jax.generation.decode import compile_stats, generate
 from qwenvl_jax.pretrained import load_pretrained
+
+
+def spread(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def fmt(s: dict, scale: float = 1e3, unit: str = "ms") -> str:
+    return f"{s['median'] * scale:.2f} {unit} ({s['min'] * scale:.2f}-{s['max'] * scale:.2f})"
+
+
+# -- the machine's limits ------------------------------------------------------------------------
+
+def _median_time(fn, *args, runs: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile + warm
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def stream_bandwidth(mb: int = 256, runs: int = 10) -> dict:
+    """Bytes/s of reading `mb` MB of f32 through a matrix-vector product and through a sum."""
+    n = int((mb * 2**20 / 4) ** 0.5)
+    w = jnp.ones((n, n), jnp.float32)
+    x = jnp.ones((n,), jnp.float32)
+    matvec = _median_time(jax.jit(lambda w, x: w @ x), w, x, runs=runs)
+    total = _median_time(jax.jit(lambda w: w.sum()), w, runs=runs)
+    nbytes = w.size * 4
+    return {"matvec_gb_s": nbytes / matvec / 1e9, "sum_gb_s": nbytes / total / 1e9,
+            "bytes_per_s": nbytes / min(matvec, total)}
+
+
+def matmul_peak(n: int = 2048, runs: int = 5) -> float:
+    a = jnp.ones((n, n), jnp.float32)
+    return 2 * n**3 / _median_time(jax.jit(lambda a, b: a @ b), a, a, runs=runs)
+
+
+# -- what a step must move / compute -------------------------------------------------------------
+
+def text_weight_bytes(model) -> int:
+    """Bytes a decode step must read of the weights: every decoder layer, the final norm and the
+    output projection (a tied head reads the embedding; an untied one reads lm_head, and the
+    embedding lookup reads one row per token)."""
+    lm = model.params["language_model"]
+    total = sum(x.nbytes for x in jax.tree.leaves(lm["layers"])) + sum(x.nbytes for x in jax.tree.leaves(lm["norm"]))
+    head = lm["embed_tokens"] if model.config.tie_word_embeddings else model.params["lm_head"]
+    return total + sum(x.nbytes for x in jax.tree.leaves(head))
+
+
+def cache_bytes(model, batch: int, filled: float) -> float:
+    t = model.config.text
+    itemsize = jax.tree.leaves(model.params)[0].dtype.itemsize
+    return 2 * t.num_hidden_layers * batch * t.num_key_value_heads * t.head_dim * itemsize * filled
+
+
+def prefill_flops(model, batch: dict) -> float:
+    tokens = batch["input_ids"].size
+    patches = batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
+    per_token = text_forward_flops_per_token(model.config, batch["input_ids"].shape[1] / 2)
+    return tokens * per_token + patches * vision_forward_flops_per_patch(model.config)
+
+
+# -- the two engines ------------------------------------------------------------------------------
+
+class _StepTimes(StoppingCriteria):
+    """Called once per generated token by HF's generate: the gaps are its decode steps."""
+
+    def __init__(self):
+        self.stamps = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def hf_times(hf, batch: dict, new_tokens: int, runs: int) -> tuple[list[float], list[float]]:
+    tb = {k: torch.as_tensor(v) for k, v in batch.items()}
+    if "pixel_values" in batch:
+        tb["mm_token_type_ids"] = torch.as_tensor((batch["input_ids"] == TOKENS["image_token_id"]).astype(np.int64))
+    prefill, steps = [], []
+    with torch.inference_mode():
+        hf(**tb, use_cache=True)  # warm
+        for _ in range(runs):
+            t = time.perf_counter()
+            hf(**tb, use_cache=True)
+            prefill.append(time.perf_counter() - t)
+        for _ in range(runs):
+            timer = _StepTimes()
+            out = hf.generate(**tb, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              eos_token_id=None, pad_token_id=0, stopping_criteria=StoppingCriteriaList([timer]))
+            assert out.shape[1] == batch["input_ids"].shape[1] + new_tokens
+            steps.append(statistics.median(np.diff(timer.stamps)))
+    return prefill, steps
+
+
+def ours_times(model, batch: dict, new_tokens: int, runs: int) -> tuple[list[float], list[float], int]:
+    inputs = model.prepare(**batch)
+    kw = dict(max_new_tokens=new_tokens, eos_token_ids=[], pad_token_id=0)
+    generate(model, inputs, **kw)  # compile
+    outs = [generate(model, inputs, **kw) for _ in range(runs)]
+    assert all(len(t) == new_tokens for t in outs[0].token_ids)
+    slots = bucket(bucket(batch["input_ids"].shape[1]) + new_tokens)
+    return [o.prefill_s for o in outs], [o.decode_s / o.decode_steps for o in outs], slots
+
+
+def text_batch(tokens: int, batch: int = 1) -> dict:
+    ids = np.random.default_rng(1).integers(0, 900, (1, tokens))
+    return {"input_ids": np.repeat(ids, batch, 0)}
 
 
 def replicate(batch: dict, n: int) -> dict:
@@ -30,32 +154,33 @@ def replicate(batch: dict, n: int) -> dict:
                 image_grid_thw=np.repeat(batch["image_grid_thw"], n, 0))
 
 
-def hf_times(hf, batch: dict, new_tokens: int, runs: int = 3) -> tuple[float, float]:
-    tb = {k: torch.as_tensor(v) for k, v in batch.items()}
-    tb["mm_token_type_ids"] = torch.as_tensor((batch["input_ids"] == TOKENS["image_token_id"]).astype(np.int64))
-    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
-
-    def run(n):
-        best = float("inf")
-        for _ in range(runs):
-            t = time.perf_counter()
-            with torch.inference_mode():
-                out = hf.generate(**tb, max_new_tokens=n, min_new_tokens=n, **kw)
-            best = min(best, time.perf_counter() - t)
-            assert out.shape[1] == batch["input_ids"].shape[1] + n
-        return best
-
-    prefill, full = run(1), run(new_tokens)
-    b = batch["input_ids"].shape[0]
-    return prefill, (new_tokens - 1) * b / (full - prefill)
-
-
-def ours_times(model, batch: dict, new_tokens: int, runs: int = 3) -> tuple[float, float]:
-    inputs = model.prepare(**batch)
-    generate(model, inputs, max_new_tokens=new_tokens, eos_token_ids=[], pad_token_id=0)  # compile
-    outs = [generate(model, inputs, max_new_tokens=new_tokens, eos_token_ids=[], pad_token_id=0) for _ in range(runs)]
-    assert all(len(t) == new_tokens for t in outs[0].token_ids)
-    return min(o.prefill_s for o in outs), max(o.decode_tokens_per_s for o in outs)
+def compare(name, ours, hf, batch, new_tokens, runs, bandwidth, peak) -> dict:
+    b, prompt = batch["input_ids"].shape
+    o_pre, o_step, slots = ours_times(ours, batch, new_tokens, runs)
+    h_pre, h_step = hf_times(hf, batch, new_tokens, runs)
+    filled = prompt + new_tokens / 2  # mean filled cache over the decode
+    step_bytes = text_weight_bytes(ours) + cache_bytes(ours, b, filled)
+    roofline_s = step_bytes / bandwidth
+    flops = prefill_flops(ours, batch)
+    r = {"batch": b, "prompt_tokens": prompt, "cache_slots": slots,
+         "ours_prefill_s": spread(o_pre), "hf_prefill_s": spread(h_pre),
+         "ours_step_s": spread(o_step), "hf_step_s": spread(h_step),
+         "step_roofline_s": roofline_s, "step_bytes": step_bytes,
+         "ours_decode_tok_s": b / statistics.median(o_step), "hf_decode_tok_s": b / statistics.median(h_step),
+         "decode_vs_hf": statistics.median(h_step) / statistics.median(o_step),
+         "prefill_vs_hf": statistics.median(h_pre) / statistics.median(o_pre),
+         "ours_decode_of_roofline": roofline_s / statistics.median(o_step),
+         "hf_decode_of_roofline": roofline_s / statistics.median(h_step),
+         "ours_prefill_of_peak": flops / statistics.median(o_pre) / peak,
+         "hf_prefill_of_peak": flops / statistics.median(h_pre) / peak}
+    print(f"{name} (batch {b}, prompt {prompt}, {slots} cache slots):\n"
+          f"  prefill  ours {fmt(r['ours_prefill_s'])} vs hf {fmt(r['hf_prefill_s'])}: {r['prefill_vs_hf']:.2f}x; "
+          f"of matmul peak: ours {r['ours_prefill_of_peak']:.0%}, hf {r['hf_prefill_of_peak']:.0%}\n"
+          f"  decode   ours {fmt(r['ours_step_s'])}/step vs hf {fmt(r['hf_step_s'])}/step: {r['decode_vs_hf']:.2f}x; "
+          f"roofline {roofline_s * 1e3:.2f} ms ({step_bytes / 1e6:.1f} MB/step): "
+          f"ours {r['ours_decode_of_roofline']:.0%}, hf {r['hf_decode_of_roofline']:.0%}; "
+          f"{r['ours_decode_tok_s']:.0f} vs {r['hf_decode_tok_s']:.0f} tok/s", flush=True)
+    return r
 
 
 def main():
@@ -63,28 +188,37 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--image", type=int, default=224)
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--long", type=int, default=4096, help="cache slots of the long-cache case (0: skip it)")
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--model", default="small", choices=sorted(CONFIGS),
                     help="small: weights dominate a decode step; tiny: framework overhead does")
     args = ap.parse_args()
 
+    bw = stream_bandwidth()
+    peak = matmul_peak()
+    print(f"machine: stream {bw['bytes_per_s'] / 1e9:.1f} GB/s (matvec {bw['matvec_gb_s']:.1f}, "
+          f"sum {bw['sum_gb_s']:.1f}); f32 matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
     torch.manual_seed(0)
     hf = Qwen2_5_VLForConditionalGeneration(CONFIGS[args.model]("float32")).eval()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         ours = load_pretrained(d, dtype="float32")
+    print(f"model {args.model}: text weights read per step {text_weight_bytes(ours) / 1e6:.1f} MB", flush=True)
 
-    results = {"model": args.model}
+    results = {"model": args.model, "stream_gb_s": bw["bytes_per_s"] / 1e9, "matmul_gflop_s": peak / 1e9}
     base = image_batch(args.image, 48)
     for b in [int(x) for x in args.batches.split(",")]:
-        batch = replicate(base, b)
-        o_pre, o_tps = ours_times(ours, batch, args.new_tokens)
-        h_pre, h_tps = hf_times(hf, batch, args.new_tokens)
-        results[f"batch{b}"] = {"ours_prefill_s": round(o_pre, 4), "hf_prefill_s": round(h_pre, 4),
-                                "prefill_speedup": round(h_pre / o_pre, 2), "ours_decode_tok_s": round(o_tps, 1),
-                                "hf_decode_tok_s": round(h_tps, 1), "decode_speedup": round(o_tps / h_tps, 2)}
-        r = results[f"batch{b}"]
-        print(f"batch {b}: prefill ours {o_pre * 1e3:.1f} ms vs hf {h_pre * 1e3:.1f} ms ({r['prefill_speedup']}x); "
-              f"decode ours {o_tps:.1f} tok/s vs hf {h_tps:.1f} tok/s ({r['decode_speedup']}x)")
+        results[f"batch{b}"] = compare("image prompt", ours, hf, replicate(base, b), args.new_tokens, args.runs,
+                                       bw["bytes_per_s"], peak)
+    if args.long:
+        # the longest prompt whose bucket + new tokens still fit --long cache slots
+        prompt = max(p for p in range(1, args.long) if bucket(bucket(p) + args.new_tokens) <= args.long)
+        results["long"] = compare("long text prompt", ours, hf, text_batch(prompt), args.new_tokens, args.runs,
+                                  bw["bytes_per_s"], peak)
+    if "batch1" in results and "batch8" in results:
+        decode = {b: results[b]["ours_decode_tok_s"] for b in ("batch1", "batch8")}
+        results["batch8_over_batch1_tok_s"] = decode["batch8"] / decode["batch1"]
+        print(f"batch 8 decodes {results['batch8_over_batch1_tok_s']:.1f}x the tokens/s of batch 1")
 
     before = compile_stats()["compiles"]
     for text_tokens in (40, 47, 53, 61, 70):  # 5 prompt lengths around one image

@@ -280,13 +280,13 @@ def compile_generation(config: Qwen25VLConfig, layout: Layout, *, batch: int, pr
     slots = bucket(prompt_len + max_new_tokens)
     shardings = gen._state_shardings(layout, config.text, batch, slots, max_new_tokens)
     static = (graphdef, layout, slots, max_new_tokens)
-    dynamic = (params, ids, pos, ids, vision, index, seed, sampling, eos, pad)
+    dynamic = (params, None, ids, pos, ids, vision, index, seed, sampling, eos, pad)  # None: layers sliced inside
     in_shardings = jax.tree.map(lambda x: x.sharding, dynamic)
     prefill = jax.jit(gen._prefill, static_argnums=(0, 1, 2, 3), in_shardings=in_shardings, out_shardings=shardings)
     compiled_prefill = _compile("prefill", prefill, *static, *dynamic)
     state = _placed(jax.eval_shape(lambda *d: gen._prefill(*static, *d), *dynamic), shardings)
     n = _abstract((), jnp.int32, layout.replicated)
-    dynamic = (params, state, n, sampling, eos, pad)
-    decode = jax.jit(gen._decode, static_argnums=(0, 1), donate_argnums=(3,),
+    dynamic = (params, None, state, n, sampling, eos, pad)
+    decode = jax.jit(gen._decode, static_argnums=(0, 1), donate_argnums=(4,),
                      in_shardings=jax.tree.map(lambda x: x.sharding, dynamic), out_shardings=shardings)
     return compiled_prefill, _compile("decode", decode, graphdef, layout, *dynamic)

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from qwenvl_jax import compilation_cache
 from qwenvl_jax.cli import DefaultsHelpFormatter, user_error
 from qwenvl_jax.data.formats import parse_record
 from qwenvl_jax.data.sources import resolve_data_root
@@ -228,6 +229,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
     ap.add_argument("--predictions", metavar="OUT.jsonl", help="write each record's id, answer and prediction")
+    compilation_cache.add_argument(ap)
     return ap.parse_args(argv)
 
 
@@ -241,6 +243,7 @@ def main(argv=None) -> int:
         from qwenvl_jax.pretrained import load_pretrained
         from qwenvl_jax.processing.processor import Processor
 
+        compilation_cache.enable_from_args(args)
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         checkpoint = Path(args.checkpoint)

@@ -9,7 +9,7 @@
 
 Prints the answer (token by token with --stream). With --json the last stdout line is one JSON
 object: text, token_ids (generated ids), prompt_tokens, boxes (grounding output mapped to
-original-image pixels), prefill_s, decode_tokens_per_s, compile_s. Progress goes to stderr.
+original-image pixels), prefill_s, decode_tokens_per_s, compile_s, load_s. Progress goes to stderr.
 Checkpoints: a directory (safetensors or PyTorch .bin) or a hub id (from the local hub cache, or
 downloaded; HF_HUB_OFFLINE=1 honoured), optionally with a PEFT LoRA adapter merged at load; the
 dtype is the checkpoint's own unless --dtype says otherwise.
@@ -30,10 +30,12 @@ from pathlib import Path
 
 import jax
 
-from qwenvl_jax import distributed
+from qwenvl_jax import compilation_cache, distributed
 from qwenvl_jax.cli import DefaultsHelpFormatter, user_error
+from qwenvl_jax.config import is_finite_number
 from qwenvl_jax.demo import DEMO_MODEL, SAMPLE_IMAGE, SAMPLE_PROMPT
 from qwenvl_jax.generation.sampling import SamplingParams
+from qwenvl_jax.processing.video_io import check_read_options
 
 DEFAULT_MAX_NEW_TOKENS = 512
 DEMO_DRAW = "demo_boxes.png"
@@ -63,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--min-pixels", type=int, help="per-image pixel floor (default: the checkpoint's)")
     ap.add_argument("--max-pixels", type=int, help="per-image pixel cap (default: the checkpoint's)")
     ap.add_argument("--fps", type=float, default=2.0, help="video frames sampled per second")
+    ap.add_argument("--nframes", type=int, help="sample this many video frames (instead of --fps)")
+    ap.add_argument("--video-start", type=float, metavar="SECONDS", help="start of the video clip to read")
+    ap.add_argument("--video-end", type=float, metavar="SECONDS", help="end of the video clip to read")
     ap.add_argument("--json", action="store_true", help="end stdout with one JSON line")
     ap.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     ap.add_argument("--draw", metavar="OUT.png", help="write the first image with the predicted boxes")
@@ -70,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="device mesh over all devices; one size may be -1 (default: one device)")
     ap.add_argument("--attention", default="auto", choices=["auto", "xla", "pallas"],
                     help="attention implementation: auto = Pallas kernels on TPU, XLA elsewhere")
+    compilation_cache.add_argument(ap)
     distributed.add_arguments(ap)
     args = ap.parse_args(argv)
     if args.checkpoint is None:  # the bundled demo: its model, its sample picture, boxes drawn
@@ -85,9 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def sampling_from(checkpoint: Path, args) -> tuple[SamplingParams, list[int] | None]:
     """generation_config.json defaults (if any), overridden by flags; also its eos ids."""
-    gen = {}
-    if (checkpoint / "generation_config.json").is_file():
-        gen = json.loads((checkpoint / "generation_config.json").read_text())
+    gen = read_generation_config(checkpoint / "generation_config.json")
     greedy = not gen.get("do_sample", False)
     temperature = args.temperature if args.temperature is not None else (0.0 if greedy else gen.get("temperature", 1.0))
     params = SamplingParams(
@@ -98,6 +102,31 @@ def sampling_from(checkpoint: Path, args) -> tuple[SamplingParams, list[int] | N
                                  else gen.get("repetition_penalty", 1.0)))
     eos = gen.get("eos_token_id")
     return params, ([eos] if isinstance(eos, int) else eos)
+
+
+def read_generation_config(path: Path) -> dict:
+    """The sampling keys of a generation_config.json ({} without one), type-checked, so a bad
+    value is one line naming the file rather than a failure deep in sampling."""
+    if not path.is_file():
+        return {}
+    try:
+        gen = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(gen, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(gen).__name__}")
+    if not isinstance(gen.get("do_sample", False), bool):
+        raise ValueError(f"{path}: do_sample must be true or false, got {gen['do_sample']!r}")
+    for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        value = gen.get(key)
+        if value is not None and not is_finite_number(value):
+            raise ValueError(f"{path}: {key} must be a finite number, got {value!r}")
+    eos = gen.get("eos_token_id")
+    ids = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
+    if eos is not None and not (isinstance(ids, list) and ids
+                                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+        raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    return gen
 
 
 def check_numbers(args) -> None:
@@ -111,6 +140,15 @@ def check_numbers(args) -> None:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
         raise ValueError(f"--min-pixels ({args.min_pixels}) must not exceed --max-pixels ({args.max_pixels})")
+    if (args.nframes is not None or args.video_start is not None or args.video_end is not None) and not args.video:
+        raise ValueError("--nframes / --video-start / --video-end need a --video")
+    try:
+        check_read_options(nframes=args.nframes, video_start=args.video_start, video_end=args.video_end)
+    except ValueError as e:  # named as the flags are
+        message = str(e)
+        for name in ("nframes", "video_start", "video_end"):
+            message = message.replace(name, "--" + name.replace("_", "-"))
+        raise ValueError(message) from None
 
 
 def build_messages(args) -> list[dict]:
@@ -177,7 +215,8 @@ def run(args) -> dict:
     videos, fps = [], args.fps
     if args.video:
         # the frame budget goes where qwen-vl-utils applies it: to the frames as they are read
-        frames, fps = read_video(args.video, fps=args.fps, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        frames, fps = read_video(args.video, fps=args.fps, nframes=args.nframes, min_pixels=args.min_pixels,
+                                 max_pixels=args.max_pixels, video_start=args.video_start, video_end=args.video_end)
         videos = [frames]
     prompt = processor.apply_chat_template(build_messages(args), add_generation_prompt=True)
     batch = processor(text=prompt, images=images or None, videos=videos or None, fps=fps,
@@ -196,7 +235,8 @@ def run(args) -> dict:
     say(f"loading {checkpoint}{with_adapter} ({dtype}, mesh {mesh_desc})...", file=sys.stderr, flush=True)
     model = load_pretrained(checkpoint, dtype=dtype, mesh=layout, attention_impl=args.attention,
                             adapter=args.adapter, adapter_revision=args.adapter_revision)
-    say(f"loaded in {time.perf_counter() - t:.1f} s; compiling and generating...", file=sys.stderr, flush=True)
+    load_s = time.perf_counter() - t
+    say(f"loaded in {load_s:.1f} s; compiling and generating...", file=sys.stderr, flush=True)
     stream = _Stream(processor) if args.stream else None
     out = generate(model, model.prepare(**batch), max_new_tokens=args.max_new_tokens,
                    eos_token_ids=gen_eos or processor.eos_token_ids, pad_token_id=processor.pad_token_id,
@@ -218,7 +258,7 @@ def run(args) -> dict:
             say(f"wrote {args.draw} ({len(boxes)} boxes/points)", file=sys.stderr)
     return {"text": text, "token_ids": ids, "prompt_tokens": out.prompt_tokens[0], "boxes": boxes,
             "prefill_s": round(out.prefill_s, 4), "decode_tokens_per_s": round(out.decode_tokens_per_s, 2),
-            "compile_s": round(out.compile_s, 2), "mesh": dict(layout.mesh.shape),
+            "compile_s": round(out.compile_s, 2), "load_s": round(load_s, 2), "mesh": dict(layout.mesh.shape),
             "processes": jax.process_count()}
 
 
@@ -226,6 +266,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         distributed.initialize_from_args(args)
+        compilation_cache.enable_from_args(args)
         result = run(args)
     except (ValueError, OSError, KeyError) as e:  # user errors: one line, no traceback
         return user_error(e)

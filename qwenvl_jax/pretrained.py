@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from qwenvl_jax.batch import ModelInputs, prepare_inputs
 from qwenvl_jax.config import ATTENTION_IMPLS, ConfigError, Qwen25VLConfig
@@ -70,6 +71,7 @@ class PretrainedModel:
         self.source_dir = None if source_dir is None else Path(source_dir)
         self.layout = (layout or Layout.create()).for_model(config)
         self.param_shardings = param_shardings(params, self.layout)
+        self._layer_states = None  # (stacked leaf they were sliced from, per-layer states)
 
     @property
     def module(self) -> Qwen25VL:
@@ -97,6 +99,28 @@ class PretrainedModel:
         out = lay.sharding(("batch", "length", "vocab"), (b, length, self.config.text.vocab_size))
         in_shardings = (self.param_shardings, *(jax.tree.map(lambda x: x.sharding, a) for a in args))
         return _forward_fn(self.graphdef, lay, in_shardings, out)(self.params, *args)
+
+    def decoder_layer_states(self) -> list | None:
+        """On CPU, the decoder layers' params as one state per layer, sliced once and kept for
+        generation; None on other platforms. XLA:CPU copies the slice of a stacked weight into a
+        buffer before each matmul that reads it, so a decode step slicing layers inside the program
+        would move every weight three times (a TPU fuses the slice into the matmul). The price is a
+        second copy of the decoder weights in host memory while the model is used for generation."""
+        if self.layout.platform != "cpu":
+            return None
+        stacked = self.params["language_model"]["layers"]
+        first = jax.tree.leaves(stacked)[0]
+        if self._layer_states is None or self._layer_states[0] is not first:  # params replaced since
+            n = first.shape[0]
+
+            def one_layer(sharding):
+                return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+
+            per_layer = jax.tree.map(lambda a: one_layer(a.sharding), stacked)
+            split = jax.jit(lambda s: [jax.tree.map(lambda a, i=i: a[i], s) for i in range(n)],
+                            out_shardings=[per_layer] * n)
+            self._layer_states = (first, split(stacked))
+        return self._layer_states[1]
 
     def save_pretrained(self, out_dir: str | Path, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30,
                         gather_bytes: int = GATHER_BYTES, side_files_from: str | Path | None = None) -> Path:

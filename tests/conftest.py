@@ -1,10 +1,17 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # Multi-device code is tested on 8 simulated CPU devices; set before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# CLIs run by the tests share one persistent compilation cache for the session, never the user's.
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix="qwenvl_jax_test_cc_")
+atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+os.environ["QWENVL_JAX_COMPILATION_CACHE"] = _COMPILATION_CACHE
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytest  # noqa: E402

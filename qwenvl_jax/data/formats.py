@@ -8,6 +8,10 @@ Two record shapes are accepted (one JSON object per JSONL line):
     {"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"},
                                          {"from": "gpt", "value": "A dog."}]}
 
+A media part of the first shape may carry its own keys, as qwen-vl-utils reads them: `min_pixels`,
+`max_pixels` (an image's or each video frame's budget) and, for a video, `fps` or `nframes`,
+`min_frames`, `max_frames`, `total_pixels`, `video_start` / `video_end` (seconds).
+
 Both become a `Conversation` whose messages are what `Processor.apply_chat_template` takes. A bad
 record raises `DataError`, whose `reason` is a short key the training loop counts skips under:
 a broken record must cost one example, never the run.
@@ -21,6 +25,9 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
+
+from qwenvl_jax.processing.image import MAX_BUDGET_PIXELS, check_pixel_budget
+from qwenvl_jax.processing.video_io import check_read_options
 
 # Skip reasons: the whole vocabulary, so skip counters have fixed, documented keys.
 MALFORMED_JSON = "malformed_json"  # a line that is not JSON
@@ -40,6 +47,11 @@ _CONTROL = re.compile(r"<\|(?:im_start|im_end|endoftext|vision_start|vision_end|
 # Qwen2's pre-tokenizer merges the template's "\n" after the role with leading whitespace that holds
 # a newline into one token, which would hide the turn start from `assistant_labels`.
 _LEADING_NEWLINES = re.compile(r"^\s*[\r\n]")
+# A media part's own keys (qwen-vl-utils' names), by kind; the rest of a part's keys are ignored.
+MEDIA_OPTIONS = {"image": ("min_pixels", "max_pixels"),
+                 "video": ("fps", "nframes", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels",
+                           "video_start", "video_end")}
+_UNSUPPORTED_OPTIONS = ("resized_height", "resized_width")
 
 
 class DataError(ValueError):
@@ -74,6 +86,8 @@ class Conversation:
     messages: list
     images: list
     videos: list
+    image_options: list = dataclasses.field(default_factory=list)  # media_options per image ({} if none)
+    video_options: list = dataclasses.field(default_factory=list)  # read_video keywords per video
 
 
 def _bad(message: str) -> DataError:
@@ -95,6 +109,29 @@ def _ref(value, kind: str, where: str) -> str:
     if re.match(r"^[a-z][a-z0-9+.-]*://", value, re.I) or value.startswith("data:"):
         raise _bad(f"{where}: {kind} {value[:60]!r} is a URL; only local files are supported (download first)")
     return value
+
+
+def media_options(part: dict, kind: str, where: str = "") -> dict:
+    """The options a media part gives for itself (MEDIA_OPTIONS[kind] keys present), checked.
+
+    Raises DataError bad_format naming the key: a non-finite, non-positive or out-of-range number,
+    min above max, video_start not before video_end, both fps and nframes (qwen-vl-utils refuses it too),
+    or resized_height / resized_width (not supported: give min_pixels / max_pixels instead).
+    """
+    at = f"{where}: " if where else ""
+    if unsupported := [k for k in _UNSUPPORTED_OPTIONS if k in part]:
+        raise _bad(f"{at}{'/'.join(unsupported)} not supported; give the {kind} min_pixels / max_pixels instead")
+    options = {k: part[k] for k in MEDIA_OPTIONS[kind] if k in part and part[k] is not None}
+    try:
+        if kind == "image":
+            check_pixel_budget(options.get("min_pixels", 1), options.get("max_pixels", MAX_BUDGET_PIXELS))
+        else:
+            if "fps" in options and "nframes" in options:
+                raise ValueError("give fps or nframes, not both")
+            check_read_options(**options)
+    except ValueError as e:
+        raise _bad(f"{at}{kind} {e}") from None
+    return options
 
 
 def _role(turn: dict, key: str, where: str) -> str:
@@ -126,6 +163,7 @@ def _messages_shape(record: dict, resolve) -> list[dict]:
                 if kind in MEDIA_KINDS:
                     if kind not in part:
                         raise _bad(f"{at}: a {kind} part needs a {kind!r} key")
+                    media_options(part, kind, at)
                     parts.append({**part, "type": kind, kind: resolve(kind, _ref(part[kind], kind, at))})
                 elif kind == "text":
                     parts.append({"type": "text", "text": _text(part.get("text"), at)})
@@ -217,8 +255,10 @@ def parse_record(record: dict, data_root=None, *, media: Mapping[str, bytes] | N
         return MediaBlob(ref, media[ref])
 
     messages = _parse(record, resolve)
-    found = {kind: [p[kind] for m in messages for p in m["content"] if p["type"] == kind] for kind in MEDIA_KINDS}
-    return Conversation(messages, found["image"], found["video"])
+    parts = {kind: [p for m in messages for p in m["content"] if p["type"] == kind] for kind in MEDIA_KINDS}
+    return Conversation(messages, [p["image"] for p in parts["image"]], [p["video"] for p in parts["video"]],
+                        [media_options(p, "image") for p in parts["image"]],
+                        [media_options(p, "video") for p in parts["video"]])
 
 
 def media_references(record: dict) -> list[tuple[str, str]]:

@@ -140,11 +140,17 @@ class SampleEncoder:
     def encode(self, raw) -> dict:
         cfg, v = self.config, self.config.vision
         conv = to_conversation(raw, self.data_root)
-        media = open_media(conv, fps=self.data.video_fps)
+        # data.min/max_pixels are each image's and each frame's budget (as infer's --min/--max-pixels);
+        # frames are sized once, by read_video, and pass the processor's video limits unchanged
+        media = open_media(conv, fps=self.data.video_fps, min_pixels=self.data.min_pixels,
+                           max_pixels=self.data.max_pixels)
         prompt = self.processor.apply_chat_template(conv.messages, add_generation_prompt=False)
         batch = self.processor(text=prompt, images=media.images or None, videos=media.videos or None,
                                fps=media.fps or self.data.video_fps, min_pixels=self.data.min_pixels,
-                               max_pixels=self.data.max_pixels, raw_pixels=self.raw_pixels)
+                               max_pixels=self.data.max_pixels, raw_pixels=self.raw_pixels,
+                               image_limits=media.image_limits or None,
+                               video_min_pixels=self.processor.video_min_pixels,
+                               video_max_pixels=self.processor.video_max_pixels)
         ids = batch["input_ids"][0]
         n = len(ids)
         grids = [g for g in (batch.get("image_grid_thw"), batch.get("video_grid_thw")) if g is not None]

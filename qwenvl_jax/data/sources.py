@@ -41,7 +41,7 @@ from qwenvl_jax.data.formats import (
     parse_record,
 )
 from qwenvl_jax.processing.image import ImageLoadError, check_decoded_size, load_image
-from qwenvl_jax.processing.video_io import VideoLoadError, read_video
+from qwenvl_jax.processing.video_io import VideoLoadError, VideoOptionError, check_read_options, read_video
 
 # ArrayRecord payload: MAGIC, uint32 little-endian header length, JSON header, the media blobs back
 # to back. The leading NUL can never start a JSON line, so raw bytes tell their format apart.
@@ -293,6 +293,7 @@ class Media(NamedTuple):
     images: list  # RGB PIL images
     videos: list  # uint8 [F, H, W, 3] frames per video
     fps: list  # sample fps per video
+    image_limits: list  # (min_pixels, max_pixels) per image, None where the image sets none: Processor(image_limits=)
 
 
 def open_image(value) -> Image.Image:
@@ -323,7 +324,8 @@ def open_image(value) -> Image.Image:
 def open_video(value, **read_options) -> tuple[np.ndarray, float]:
     """Path string or MediaBlob -> (frames uint8 [F, H, W, 3], sample fps) via read_video.
 
-    Raises DataError missing_video / corrupt_video. read_video picks its reader by file suffix and
+    Raises DataError missing_video / corrupt_video (bad_format: options the file cannot meet, such as
+    a clip past its end). read_video picks its reader by file suffix and
     needs a path, so a blob is written to a temporary file named with the original suffix.
     """
     if isinstance(value, MediaBlob):
@@ -332,17 +334,37 @@ def open_video(value, **read_options) -> tuple[np.ndarray, float]:
             f.flush()
             try:
                 return read_video(f.name, **read_options)
+            except VideoOptionError as e:  # the record's keys ask what the file does not have
+                raise DataError(BAD_FORMAT, str(e).replace(f.name, value.name)) from None
             except VideoLoadError as e:
                 raise DataError(CORRUPT_VIDEO, str(e).replace(f.name, value.name)) from None
     if not os.path.exists(value):
         raise DataError(MISSING_VIDEO, f"video {value} does not exist")
     try:
         return read_video(value, **read_options)
+    except VideoOptionError as e:
+        raise DataError(BAD_FORMAT, str(e)) from None
     except VideoLoadError as e:
         raise DataError(CORRUPT_VIDEO, str(e)) from None
 
 
 def open_media(conversation: Conversation, **read_options) -> Media:
-    """Loads all of a conversation's images and videos (read_options go to read_video)."""
-    videos = [open_video(v, **read_options) for v in conversation.videos]
-    return Media([open_image(v) for v in conversation.images], [f for f, _ in videos], [s for _, s in videos])
+    """Loads all of a conversation's images and videos.
+
+    read_options go to read_video (None values are left out), each video's own keys over them;
+    DataError bad_format when the two together are inconsistent (e.g. its min_pixels above max_pixels).
+    """
+    defaults = {k: v for k, v in read_options.items() if v is not None}
+    video_options = conversation.video_options or [{}] * len(conversation.videos)
+    videos = []
+    for value, own in zip(conversation.videos, video_options):
+        options = {**defaults, **own}  # a video's nframes then wins over the default fps (read_video)
+        try:
+            check_read_options(**options)
+        except ValueError as e:
+            raise DataError(BAD_FORMAT, f"video {getattr(value, 'name', value)}: {e}") from None
+        videos.append(open_video(value, **options))
+    image_options = conversation.image_options or [{}] * len(conversation.images)
+    limits = [(o.get("min_pixels"), o.get("max_pixels")) if o else None for o in image_options]
+    return Media([open_image(v) for v in conversation.images], [f for f, _ in videos], [s for _, s in videos],
+                 limits)

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from qwenvl_jax import compilation_cache
 from qwenvl_jax.cli import DefaultsHelpFormatter, user_error
 from qwenvl_jax.data.sources import resolve_data_root
 
@@ -152,8 +153,10 @@ def main(argv=None) -> int:
     ap.add_argument("--data-root", help="resolve relative media paths against this directory (default: --data's)")
     ap.add_argument("--limit", type=int, default=60, help="first N records")
     ap.add_argument("--dtype", default="float32", choices=("bfloat16", "float32"))
+    compilation_cache.add_argument(ap)
     args = ap.parse_args(argv)
     try:
+        compilation_cache.enable_from_args(args)
         from qwenvl_jax.eval import load_records, reference
         from qwenvl_jax.pretrained import load_pretrained
         from qwenvl_jax.processing.image import load_image

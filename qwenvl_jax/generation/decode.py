@@ -14,6 +14,9 @@
 * Everything runs in the model's layout (sharding.py): inputs are placed as global arrays, both
   steps are jitted with explicit in/out shardings (KV cache split over batch and kv heads), and
   results are gathered to every process, so the same call works on one device or a pod.
+* The decode state is donated: each step writes one slot of each layer's cache buffer in place
+  (model/decoder.py), so a step reads the weights and the filled cache once and copies neither
+  (tests/generation/test_decode_program.py checks the compiled program).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from flax import nnx, struct
 from qwenvl_jax.batch import ModelInputs
 from qwenvl_jax.buckets import bucket
 from qwenvl_jax.generation.sampling import SamplingParams, sample
-from qwenvl_jax.model.decoder import KVCache
+from qwenvl_jax.model.decoder import K_CACHE_AXES, V_CACHE_AXES, KVCache, unstack_layers
 from qwenvl_jax.model.vision_layout import bucket_rows
 from qwenvl_jax.pretrained import put_optional, put_vision
 from qwenvl_jax.sharding import Layout, active, to_host
@@ -105,11 +108,12 @@ class CompiledCache:
 
 def _state_shardings(layout: Layout, cfg, batch: int, slots: int, max_new: int) -> DecodeState:
     """Where each part of the decode state lives: rows over the batch axes, cache heads over kv_heads."""
-    kv = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
+    k_shape, v_shape = KVCache.layer_shapes(cfg, batch, slots)
+    k, v = layout.sharding(K_CACHE_AXES, k_shape), layout.sharding(V_CACHE_AXES, v_shape)
     rows = layout.sharding(("batch",), (batch,))
+    n = cfg.num_hidden_layers
     return DecodeState(
-        cache=KVCache(k=layout.sharding(("layers", "batch", "length", "kv_heads", "head_dim"), kv),
-                      v=layout.sharding(("layers", "batch", "length", "kv_heads", "head_dim"), kv),
+        cache=KVCache(k=(k,) * n, v=(v,) * n,
                       segment_ids=layout.sharding(("batch", "length"), (batch, slots)),
                       index=layout.replicated),
         last_token=rows, next_position=rows, done=rows,
@@ -117,14 +121,20 @@ def _state_shardings(layout: Layout, cfg, batch: int, slots: int, max_new: int) 
         seen=layout.sharding(("batch", "vocab"), (batch, cfg.vocab_size)), key=layout.replicated)
 
 
-def _prefill(graphdef, layout, slots, max_new, params, input_ids, position_ids, segment_ids, vision, token_index,
-             seed, sampling, eos, pad_id):
+def _layers(model, layer_states):
+    """The decoder layers as separate modules, from states sliced outside the program (CPU) or here."""
+    return unstack_layers(model.language_model.layers, layer_states)
+
+
+def _prefill(graphdef, layout, slots, max_new, params, layer_states, input_ids, position_ids, segment_ids, vision,
+             token_index, seed, sampling, eos, pad_id):
     with active(layout):
         model = nnx.merge(graphdef, params)
         b = input_ids.shape[0]
         dtype = jax.tree.leaves(params)[0].dtype
         cache = KVCache.empty(model.config.text, b, slots, dtype)
-        logits, cache = model.prefill(input_ids, position_ids, segment_ids, vision, token_index, cache)
+        logits, cache = model.prefill(input_ids, position_ids, segment_ids, vision, token_index, cache,
+                                      layers=_layers(model, layer_states))
         vocab = logits.shape[-1]
         seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], input_ids].max(segment_ids > 0)
         key, sub = jax.random.split(jax.random.key(seed))
@@ -138,12 +148,13 @@ def _prefill(graphdef, layout, slots, max_new, params, input_ids, position_ids, 
                            seen=seen.at[jnp.arange(b), first].set(True), key=key)
 
 
-def _decode(graphdef, layout, params, state: DecodeState, n_steps, sampling, eos, pad_id):
+def _decode(graphdef, layout, params, layer_states, state: DecodeState, n_steps, sampling, eos, pad_id):
     with active(layout):
-        return _decode_loop(nnx.merge(graphdef, params), state, n_steps, sampling, eos, pad_id)
+        model = nnx.merge(graphdef, params)
+        return _decode_loop(model, _layers(model, layer_states), state, n_steps, sampling, eos, pad_id)
 
 
-def _decode_loop(model, state: DecodeState, n_steps, sampling, eos, pad_id):
+def _decode_loop(model, layers, state: DecodeState, n_steps, sampling, eos, pad_id):
     limit = jnp.minimum(state.step + n_steps, state.tokens.shape[1])
 
     def cond(s):
@@ -151,7 +162,7 @@ def _decode_loop(model, state: DecodeState, n_steps, sampling, eos, pad_id):
 
     def body(s: DecodeState):
         pos = jnp.broadcast_to(s.next_position[None, :, None], (3, *s.last_token.shape, 1))
-        logits, cache = model.decode(s.last_token[:, None], pos, s.cache)
+        logits, cache = model.decode(s.last_token[:, None], pos, s.cache, layers=layers)
         key, sub = jax.random.split(s.key)
         tok = sample(logits[:, -1], sub, s.seen, **sampling)
         tok = jnp.where(s.done, pad_id, tok)
@@ -165,11 +176,32 @@ def _decode_loop(model, state: DecodeState, n_steps, sampling, eos, pad_id):
 
 
 _PREFILL = CompiledCache(_prefill, static_argnums=(0, 1, 2, 3))
-_DECODE = CompiledCache(_decode, static_argnums=(0, 1), donate_argnums=(3,))
+_DECODE = CompiledCache(_decode, static_argnums=(0, 1), donate_argnums=(4,))
+
+
+def compiled_programs() -> dict[str, list]:
+    """The compiled prefill and decode executables so far (tests inspect their buffers)."""
+    return {"prefill": list(_PREFILL._compiled.values()), "decode": list(_DECODE._compiled.values())}
 
 
 def compile_stats() -> dict:
     return {"compiles": _PREFILL.compiles + _DECODE.compiles, "compile_s": _PREFILL.compile_s + _DECODE.compile_s}
+
+
+def put_prompt(layout: Layout, inputs: ModelInputs, pad_token_id: int) -> tuple:
+    """Prefill's inputs placed in the layout: (input_ids, position_ids, segment_ids, vision,
+    vision_token_index), left-padded to the length bucket (padding is segment 0 at position 0) and
+    the vision rows to their buckets, so new prompt lengths and image sizes rarely recompile."""
+    pad = bucket(inputs.input_ids.shape[1]) - inputs.input_ids.shape[1]
+    ids = np.pad(inputs.input_ids, ((0, 0), (pad, 0)), constant_values=pad_token_id)
+    seg = np.pad(inputs.segment_ids, ((0, 0), (pad, 0)))
+    pos = np.pad(inputs.position_ids, ((0, 0), (0, 0), (pad, 0)))
+    index = None if inputs.vision_token_index is None else np.pad(inputs.vision_token_index, ((0, 0), (pad, 0)),
+                                                                  constant_values=-1)
+    vision = None if inputs.vision is None else bucket_rows(inputs.vision)
+    rows = ("batch", "length")
+    return (layout.put(ids, rows), layout.put(pos, (None, *rows)), layout.put(seg, rows), put_vision(layout, vision),
+            put_optional(layout, index, rows))
 
 
 def generate(model, inputs: ModelInputs, *, max_new_tokens: int, eos_token_ids, pad_token_id: int,
@@ -180,26 +212,16 @@ def generate(model, inputs: ModelInputs, *, max_new_tokens: int, eos_token_ids, 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     cfg = model.config.text
-    b, length = inputs.input_ids.shape
+    b = inputs.input_ids.shape[0]
     real = inputs.segment_ids.sum(1)
     if int(real.min()) == 0:
         raise ValueError("empty prompt: every row needs at least one token")
     check_context(int(real.max()), max_new_tokens, cfg.max_position_embeddings)
-    # Left-pad to the length bucket; padding is segment 0 at position 0.
-    lb = bucket(length)
-    pad = lb - length
-    ids = np.pad(inputs.input_ids, ((0, 0), (pad, 0)), constant_values=pad_token_id)
-    seg = np.pad(inputs.segment_ids, ((0, 0), (pad, 0)))
-    pos = np.pad(inputs.position_ids, ((0, 0), (0, 0), (pad, 0)))
-    slots = bucket(lb + max_new_tokens)
     lay = model.layout
     put = lay.put
-    rows = ("batch", "length")
-    index = None if inputs.vision_token_index is None else np.pad(inputs.vision_token_index, ((0, 0), (pad, 0)),
-                                                                  constant_values=-1)
-    vision = None if inputs.vision is None else bucket_rows(inputs.vision)
-    args = (put(ids, rows), put(pos, (None, *rows)), put(seg, rows), put_vision(lay, vision),
-            put_optional(lay, index, rows), put(np.uint32(seed)),
+    prompt = put_prompt(lay, inputs, pad_token_id)
+    slots = bucket(prompt[0].shape[1] + max_new_tokens)
+    args = (*prompt, put(np.uint32(seed)),
             {k: put(v) for k, v in sampling.as_arrays().items()}, put(np.asarray(list(eos_token_ids), np.int32)),
             put(np.int32(pad_token_id)))
     sampling_args, eos, pad_arg = args[6:]
@@ -207,7 +229,9 @@ def generate(model, inputs: ModelInputs, *, max_new_tokens: int, eos_token_ids, 
     compile_before = compile_stats()["compile_s"]
 
     t = time.perf_counter()
-    state = _PREFILL(model.graphdef, lay, slots, max_new_tokens, model.params, *args, out_shardings=state_shardings)
+    layer_states = model.decoder_layer_states()
+    state = _PREFILL(model.graphdef, lay, slots, max_new_tokens, model.params, layer_states, *args,
+                     out_shardings=state_shardings)
     jax.block_until_ready(state.last_token)
     compiled_prefill = compile_stats()["compile_s"] - compile_before
     prefill_s = time.perf_counter() - t - compiled_prefill
@@ -218,8 +242,8 @@ def generate(model, inputs: ModelInputs, *, max_new_tokens: int, eos_token_ids, 
     steps = 1
 
     def decode(state, n):
-        return _DECODE(model.graphdef, lay, model.params, state, put(np.int32(n)), sampling_args, eos, pad_arg,
-                       out_shardings=state_shardings)
+        return _DECODE(model.graphdef, lay, model.params, layer_states, state, put(np.int32(n)), sampling_args, eos,
+                       pad_arg, out_shardings=state_shardings)
 
     if on_tokens is None:
         state = decode(state, max_new_tokens)

@@ -41,22 +41,33 @@ class SamplingParams:
                     top_p=jnp.float32(self.top_p), repetition_penalty=jnp.float32(self.repetition_penalty))
 
 
+def _per_row(value, rows: int):
+    """A sampling value given once (scalar) or per row ([B]) -> [B, 1], to broadcast over the vocab."""
+    return jnp.broadcast_to(jnp.asarray(value), (rows,))[:, None]
+
+
 def apply_repetition_penalty(logits, seen, penalty):
     """logits [B, V]; seen [B, V] bool (tokens in the prompt or generated): divide positive logits
-    by the penalty, multiply negative ones (CTRL's rule, as transformers applies it)."""
+    by the penalty, multiply negative ones (CTRL's rule, as transformers applies it). penalty: one
+    value or one per row (1 leaves a row unchanged, exactly)."""
+    penalty = _per_row(penalty, logits.shape[0])
     penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
     return jnp.where(seen, penalised, logits)
 
 
 def top_k_filter(logits, k):
-    """Keeps the k largest logits per row (ties at the k-th value kept); k <= 0 keeps all."""
+    """Keeps the k largest logits per row (ties at the k-th value kept); k <= 0 keeps all. k: one
+    value or one per row."""
     vocab = logits.shape[-1]
-    kth = jnp.sort(logits, axis=-1)[..., vocab - jnp.clip(k, 1, vocab)][..., None]
+    k = _per_row(k, logits.shape[0])
+    kth = jnp.take_along_axis(jnp.sort(logits, axis=-1), vocab - jnp.clip(k, 1, vocab), axis=-1)
     return jnp.where((k > 0) & (logits < kth), _NEG_INF, logits)
 
 
 def top_p_filter(logits, p):
-    """Keeps the smallest set of most likely tokens whose probability reaches p (at least one)."""
+    """Keeps the smallest set of most likely tokens whose probability reaches p (at least one).
+    p: one value or one per row (1 keeps all)."""
+    p = _per_row(p, logits.shape[0])
     order = jnp.argsort(logits, axis=-1)  # ascending
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
@@ -68,17 +79,28 @@ def top_p_filter(logits, p):
 def sample(logits, key, seen, *, temperature, top_k, top_p, repetition_penalty):
     """logits [B, V] -> tokens [B] int32.
 
-    Each stage sits behind a `lax.cond`, so a disabled stage (greedy, no penalty, no top-k/top-p)
-    costs nothing at run time: the sorts over the vocabulary only run when they are used.
+    Each sampling value is one scalar for the batch (generate) or one per row (the server's slots);
+    key is one key for the batch or one per row ([B] keys, each row drawn with its own). Each stage
+    sits behind a `lax.cond` on whether any row uses it, so a disabled stage (greedy, no penalty,
+    no top-k/top-p) costs nothing at run time: the sorts over the vocabulary only run when used.
     """
+    b = logits.shape[0]
+    t = _per_row(temperature, b)
     logits = logits.astype(jnp.float32)
-    logits = jax.lax.cond(repetition_penalty != 1, lambda x: apply_repetition_penalty(x, seen, repetition_penalty),
-                          lambda x: x, logits)
+    logits = jax.lax.cond(jnp.any(jnp.asarray(repetition_penalty) != 1),
+                          lambda x: apply_repetition_penalty(x, seen, repetition_penalty), lambda x: x, logits)
+
+    def greedy(x):
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
 
     def draw(x):
-        x = x / temperature
-        x = jax.lax.cond(top_k > 0, lambda y: top_k_filter(y, top_k), lambda y: y, x)
-        x = jax.lax.cond(top_p < 1, lambda y: top_p_filter(y, top_p), lambda y: y, x)
-        return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+        y = x / jnp.where(t > 0, t, 1)
+        y = jax.lax.cond(jnp.any(jnp.asarray(top_k) > 0), lambda z: top_k_filter(z, top_k), lambda z: z, y)
+        y = jax.lax.cond(jnp.any(jnp.asarray(top_p) < 1), lambda z: top_p_filter(z, top_p), lambda z: z, y)
+        if jnp.ndim(key) == 0:  # one key for the batch
+            drawn = jax.random.categorical(key, y, axis=-1)
+        else:
+            drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, y)
+        return jnp.where(t[:, 0] > 0, drawn.astype(jnp.int32), greedy(x))
 
-    return jax.lax.cond(temperature > 0, draw, lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), logits)
+    return jax.lax.cond(jnp.any(t > 0), draw, greedy, logits)

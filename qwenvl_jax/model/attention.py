@@ -135,3 +135,40 @@ def _windowed_segments(q, k, v, seg, w, span, scale):
     mask = q_seg[..., :, None] == kv_seg[..., None, :]  # [B, nw, w, span*w]
     out = _masked_attention(q.reshape(b, nw, w, hq, d), gather(k), gather(v), mask, scale)
     return out.reshape(b, n, hq, d)
+
+
+def cache_masks(q_segment_ids, kv_segment_ids):
+    """What each of L new tokens sees: cache slots [B, L, S] (filled slots of its own segment;
+    kv_segment_ids from before these tokens are written) and the new tokens [B, L, L] (its own
+    segment, causally). Built once per step and shared by every layer."""
+    n = q_segment_ids.shape[1]
+    same = q_segment_ids[:, :, None] == q_segment_ids[:, None, :]
+    causal = jnp.arange(n)[:, None] >= jnp.arange(n)[None, :]
+    return q_segment_ids[:, :, None] == kv_segment_ids[:, None, :], same & causal[None]
+
+
+def attend_cache(q, k_cache, v_cache, k_new, v_new, cache_mask, new_mask, scale: float | None = None):
+    """New tokens against one layer's KV cache (as it was before them) and against each other.
+
+    q [B, L, Hq, D]; k_cache [B, Hk, D, S] and v_cache [B, Hk, S, D], each the operand layout of
+    its matmul, so no step transposes or copies the cache; k_new, v_new [B, L, Hk, D];
+    cache_mask [B, L, S] and new_mask [B, L, L] (cache_masks). One softmax over both, in f32.
+    Returns [B, L, Hq, D] in v_cache's dtype.
+    """
+    b, n, hq, d = q.shape
+    hk = k_cache.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    qh = q.reshape(b, n, hk, hq // hk, d).transpose(0, 2, 3, 1, 4).astype(k_cache.dtype)  # [B, K, G, L, D]
+    f32 = jnp.float32
+    s_cache = jnp.einsum("bkgnd,bkds->bkgns", qh, k_cache, preferred_element_type=f32) * scale
+    s_new = jnp.einsum("bkgnd,bmkd->bkgnm", qh, k_new.astype(qh.dtype), preferred_element_type=f32) * scale
+    s_cache = jnp.where(cache_mask[:, None, None], s_cache, _NEG)
+    s_new = jnp.where(new_mask[:, None, None], s_new, _NEG)
+    m = jnp.maximum(s_cache.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
+    p_cache, p_new = jnp.exp(s_cache - m), jnp.exp(s_new - m)
+    total = p_cache.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
+    dtype = v_cache.dtype
+    out = (jnp.einsum("bkgns,bksd->bkgnd", (p_cache / total).astype(dtype), v_cache, preferred_element_type=f32)
+           + jnp.einsum("bkgnm,bmkd->bkgnd", (p_new / total).astype(dtype), v_new.astype(dtype),
+                        preferred_element_type=f32))
+    return out.astype(dtype).transpose(0, 3, 1, 2, 4).reshape(b, n, hq, d)

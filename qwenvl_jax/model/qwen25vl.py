@@ -43,16 +43,17 @@ class Qwen25VL(nnx.Module):
         return h
 
     def prefill(self, input_ids, position_ids, segment_ids, vision: VisionInputs | None, vision_token_index,
-                cache: KVCache):
-        """Writes the prompt into an empty cache; returns (logits of the last position [B, V], cache)."""
+                cache: KVCache, layers=None):
+        """Writes the prompt into an empty cache; returns (logits of the last position [B, V], cache).
+        layers: the decoder layers as separate modules (TextModel.__call__)."""
         x = self.embed(input_ids, vision, vision_token_index)
-        h, cache = self.language_model(x, position_ids, segment_ids, cache, prefill=True)
+        h, cache = self.language_model(x, position_ids, segment_ids, cache, prefill=True, layers=layers)
         return self.logits(h[:, -1]), cache
 
-    def decode(self, tokens, position_ids, cache: KVCache):
+    def decode(self, tokens, position_ids, cache: KVCache, layers=None):
         """tokens [B, L] (usually L = 1) at position_ids [3, B, L] -> (logits [B, L, V], cache)."""
         x = self.language_model.embed_tokens(tokens)
-        h, cache = self.language_model(x, position_ids, jnp.ones(tokens.shape, jnp.int32), cache)
+        h, cache = self.language_model(x, position_ids, jnp.ones(tokens.shape, jnp.int32), cache, layers=layers)
         return self.logits(h), cache
 
     def logits(self, h):

@@ -150,10 +150,10 @@ class Processor:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def _vision(self, items, fn, min_pixels, max_pixels, raw=False):
-        outs = [fn(x, min_pixels=min_pixels, max_pixels=max_pixels, patch_size=self.patch_size,
+    def _vision(self, items, fn, limits, raw=False):
+        outs = [fn(x, min_pixels=lo, max_pixels=hi, patch_size=self.patch_size,
                    merge_size=self.merge_size, temporal_patch_size=self.temporal_patch_size,
-                   image_mean=self.image_mean, image_std=self.image_std, raw=raw) for x in items]
+                   image_mean=self.image_mean, image_std=self.image_std, raw=raw) for x, (lo, hi) in zip(items, limits)]
         pixel_values = np.concatenate([pv for pv, _ in outs])  # [P, C*T*p*p]
         grid_thw = np.stack([g for _, g in outs])  # [n, 3]
         return pixel_values, grid_thw, (grid_thw.prod(1) // self.merge_size**2).tolist()
@@ -161,7 +161,7 @@ class Processor:
     def __call__(self, text: str | list[str], images=None, videos=None, *, fps: float | list[float] = 2.0,
                  padding_side: str = "left", min_pixels: int | None = None,
                  max_pixels: int | None = None, raw_pixels: bool = False, video_min_pixels: int | None = None,
-                 video_max_pixels: int | None = None) -> dict[str, np.ndarray]:
+                 video_max_pixels: int | None = None, image_limits=None) -> dict[str, np.ndarray]:
         """Prompts (with one pad token per image/video) + media -> dict of numpy arrays, HF key names.
 
         images: one image or a list (path / PIL / uint8 [H, W, 3]), in row-major order over the batch.
@@ -171,6 +171,8 @@ class Processor:
         min_pixels / max_pixels override the checkpoint's limits for this call (images, and videos
         unless video_min_pixels / video_max_pixels are given: frames read by read_video with a budget
         of their own, as qwen-vl-utils does, then keep the checkpoint's video limits).
+        image_limits: one entry per image, None or (min_pixels, max_pixels) with None for a side it
+        leaves to the call (an image's own budget, as a message part gives it to qwen-vl-utils).
         raw_pixels: uint8 patches, not normalized (normalized on device by the model).
         """
         texts = [text] if isinstance(text, str) else list(text)
@@ -189,15 +191,20 @@ class Processor:
 
         out, img_tokens, vid_tokens = {}, [], []
         if images:  # budgets checked before any image is resized (a huge one would fill memory)
-            check_pixel_budget(min_pixels or self.min_pixels, max_pixels or self.max_pixels, "image ")
-            pv, grid, img_tokens = self._vision(images, preprocess_image, min_pixels or self.min_pixels,
-                                                max_pixels or self.max_pixels, raw_pixels)
+            own = [None] * len(images) if image_limits is None else list(image_limits)
+            if len(own) != len(images):
+                raise ValueError(f"image_limits has {len(own)} entries for {len(images)} images")
+            base = (min_pixels or self.min_pixels, max_pixels or self.max_pixels)
+            limits = [base if o is None else (o[0] or base[0], o[1] or base[1]) for o in own]
+            for i, (lo, hi) in enumerate(limits):
+                check_pixel_budget(lo, hi, "image " if image_limits is None else f"image {i}: ")
+            pv, grid, img_tokens = self._vision(images, preprocess_image, limits, raw_pixels)
             out.update(pixel_values=pv, image_grid_thw=grid)
         if videos:
             lo = video_min_pixels or min_pixels or self.video_min_pixels
             hi = video_max_pixels or max_pixels or self.video_max_pixels
             check_pixel_budget(lo, hi, "video ")
-            pv, grid, vid_tokens = self._vision(videos, preprocess_video, lo, hi, raw_pixels)
+            pv, grid, vid_tokens = self._vision(videos, preprocess_video, [(lo, hi)] * len(videos), raw_pixels)
             fps = [fps] * len(videos) if np.isscalar(fps) else list(fps)
             if len(fps) != len(videos):
                 raise ValueError(f"fps has {len(fps)} values for {len(videos)} videos")

@@ -18,7 +18,7 @@ import dataclasses
 import json
 import sys
 
-from qwenvl_jax import distributed
+from qwenvl_jax import compilation_cache, distributed
 from qwenvl_jax.cli import DefaultsHelpFormatter, user_error
 
 
@@ -30,6 +30,7 @@ def parse_args(argv=None):
     ap.add_argument("--export-hf", metavar="DIR", help="write the final params as an HF checkpoint")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="dotted config overrides, e.g. train.steps=100 data.path=train.jsonl data.root=/data/media")
+    compilation_cache.add_argument(ap)
     distributed.add_arguments(ap)
     return ap.parse_args(argv)
 
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         distributed.initialize_from_args(args)
+        compilation_cache.enable_from_args(args)
         from qwenvl_jax.train.config import load_train_config
         from qwenvl_jax.train.loop import run
 

@@ -224,13 +224,22 @@ def run(cfg: TrainConfig) -> dict:
     preempt = _Preemption()
     skips = {}
     last = {}
+
+    def next_host_batch():
+        """This process's next batch on the host, and its skip counts (added when it is used)."""
+        host = [next(iterator) for _ in range(t.grad_accum)]
+        local = {k: np.stack([b[k] for b in host]) for k in host[0] if k not in ("num_samples", "skip_counts")}
+        return local, skip_report(host)
+
     try:
+        # The next batch is read from the data pipeline while the device runs a step, except before a
+        # checkpoint (or a SIGTERM's save): the iterator saved with step N's state has then given
+        # exactly N batches, so a resumed run reads what an uninterrupted one would.
+        pending = next_host_batch() if start < t.steps else None
         for step in range(start, t.steps):
-            host = [next(iterator) for _ in range(t.grad_accum)]
-            for b in host:
-                for reason, n in skip_report([b]).items():
-                    skips[reason] = skips.get(reason, 0) + n
-            local = {k: np.stack([b[k] for b in host]) for k in host[0] if k not in ("num_samples", "skip_counts")}
+            local, batch_skips = pending
+            for reason, n in batch_skips.items():
+                skips[reason] = skips.get(reason, 0) + n
             if compiled is None:
                 abstract_batch = {k: jax.ShapeDtypeStruct((v.shape[0], v.shape[1] * jax.process_count(),
                                                            *v.shape[2:]), v.dtype) for k, v in local.items()}
@@ -242,7 +251,11 @@ def run(cfg: TrainConfig) -> dict:
                 say(f"compiled the train step in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
             batch = {k: jax.make_array_from_process_local_data(batch_sharding[k], v) for k, v in local.items()}
             t0 = time.perf_counter()
-            state, m = compiled(state, batch, ref_params) if dpo else compiled(state, batch)
+            state, m = compiled(state, batch, ref_params) if dpo else compiled(state, batch)  # runs asynchronously
+            done = step + 1
+            save_due = done % cfg.checkpoint.every == 0 or done == t.steps
+            read_ahead = not save_due and not preempt.requested
+            pending = next_host_batch() if read_ahead else None
             m = jax.device_get(m)
             dt = time.perf_counter() - t0
             tokens = int(np.sum(local["segment_ids"] > 0)) * jax.process_count()
@@ -264,14 +277,16 @@ def run(cfg: TrainConfig) -> dict:
                 say(f"stopping: {t.max_bad_steps} non-finite steps in a row; the last good checkpoint is kept",
                     file=sys.stderr)
                 return {**last, "stopped": "non_finite"}
-            done = step + 1
-            if preempt.requested or done % cfg.checkpoint.every == 0 or done == t.steps:
+            stop = preempt.requested and not read_ahead  # after a read-ahead: one more step, then save
+            if save_due or stop:
                 mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         data=grain.checkpoint.CheckpointSave(iterator)))
-            if preempt.requested:
+            if stop:
                 mngr.wait_until_finished()
                 say(f"SIGTERM: saved step {done}, exiting", file=sys.stderr)
                 return {**last, "stopped": "preempted"}
+            if pending is None and done < t.steps:
+                pending = next_host_batch()
         mngr.wait_until_finished()
         if cfg.export_hf:
             params = nnx.merge(graphdef, state.params)

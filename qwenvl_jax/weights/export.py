@@ -12,6 +12,7 @@ layer's tensor at a time (a collective every process joins, in the same order), 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -85,6 +86,13 @@ def hf_tensors(state, config: Qwen25VLConfig, dtype=None, gather_bytes: int = GA
             yield name, np.ascontiguousarray(hf_keys.to_hf(x, kind, shape))
 
 
+def _file_mode() -> int:
+    """What a new file gets under the process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_hf_checkpoint(out_dir: str | Path, state, config: Qwen25VLConfig, *, dtype: str | None = None,
                        max_shard_bytes: int = 5 * 2**30, gather_bytes: int = GATHER_BYTES,
                        side_files_from: str | Path | None = None) -> Path:
@@ -109,6 +117,7 @@ def save_hf_checkpoint(out_dir: str | Path, state, config: Qwen25VLConfig, *, dt
         tmp = out / f".shard-{len(written):05d}.tmp"
         if writer:
             save_file(current, str(tmp), metadata={"format": "pt"})  # transformers expects the marker
+            tmp.chmod(_file_mode())  # safetensors creates it 0600; a checkpoint is shared like other files
         written.append((tmp, list(current)))
 
     for name, tensor in hf_tensors(state, config, _DTYPES.get(dtype) if dtype else None, gather_bytes):

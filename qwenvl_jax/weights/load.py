@@ -10,6 +10,7 @@ in-place update, so host memory stays near one layer's local slice, never the mo
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import jax
@@ -92,6 +93,12 @@ def abstract_model(config: Qwen25VLConfig, param_dtype=jnp.float32, dtype=None):
     return nnx.split(model)
 
 
+# A stacked parameter whose blocks on this process's devices take at most this many bytes is
+# stacked on the host and transferred once per device (no compile); a larger one is written into
+# its sharded stack one layer at a time, so the host never holds more than a layer of it.
+STACK_ON_HOST_BYTES = 1 << 30
+
+
 @functools.cache
 def _layer_setter(sharding):
     """Writes one layer into a stacked parameter in place (donated), keeping its sharding."""
@@ -133,23 +140,39 @@ def load_params(path: str | Path, config: Qwen25VLConfig, *, param_dtype=jnp.flo
                                   f"expected {list(want)}{empty}")
         used.add(name)
 
-    def read_sharded(name: str, kind: str, shape: tuple[int, ...], sharding) -> jax.Array:
-        check(name, kind, shape)
-        cache = {}  # devices holding the same slice (replicas) share one read
+    def read_part(name: str, kind: str, index: tuple[slice, ...]) -> np.ndarray:
+        """The our-layout slice `index` (unit-step, bounded) of tensor `name`, in param_dtype."""
+        part = ckpt.get(name, _hf_index(index, kind))
+        if kind == hf_keys.CONV:  # [d, C, T, p, p] -> [C*T*p*p, d], then our row slice
+            part = part.reshape(part.shape[0], -1).T[index[0]]
+        elif kind == hf_keys.LINEAR:
+            part = part.T
+        return np.ascontiguousarray(part, dtype=param_dtype)
+
+    def from_callback(shape, sharding, read_block) -> jax.Array:
+        """A global array whose device blocks come from read_block(bounded index); devices holding
+        the same block (replicas) share one read."""
+        cache = {}
 
         def read(index):
             index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
             key = tuple((s.start, s.stop) for s in index)
             if key not in cache:
-                part = ckpt.get(name, _hf_index(index, kind))
-                if kind == hf_keys.CONV:  # [d, C, T, p, p] -> [C*T*p*p, d], then our row slice
-                    part = part.reshape(part.shape[0], -1).T[index[0]]
-                elif kind == hf_keys.LINEAR:
-                    part = part.T
-                cache[key] = np.ascontiguousarray(part, dtype=param_dtype)
+                cache[key] = read_block(index)
             return cache[key]
 
         return jax.make_array_from_callback(shape, sharding, read)
+
+    def read_sharded(name: str, kind: str, shape: tuple[int, ...], sharding) -> jax.Array:
+        check(name, kind, shape)
+        return from_callback(shape, sharding, lambda index: read_part(name, kind, index))
+
+    def read_stacked(template: str, kind: str, shape: tuple[int, ...], sharding) -> jax.Array:
+        """All layers of a stacked parameter at once, each device's block stacked on the host."""
+        for i in range(shape[0]):
+            check(template.format(i=i), kind, shape[1:])
+        return from_callback(shape, sharding, lambda index: np.stack(
+            [read_part(template.format(i=i), kind, index[1:]) for i in range(index[0].start, index[0].stop)]))
 
     def load_leaf(path, var):
         template, kind = hf_keys.hf_name(hf_keys.path_names(path))
@@ -157,6 +180,11 @@ def load_params(path: str | Path, config: Qwen25VLConfig, *, param_dtype=jnp.flo
         sharding = layout.sharding(axes, shape)
         if not hf_keys.is_stacked(template):
             return var.replace(read_sharded(template, kind, shape, sharding))
+        local_bytes = (math.prod(sharding.shard_shape(shape)) * np.dtype(param_dtype).itemsize
+                       * len(sharding.addressable_devices))
+        if local_bytes <= STACK_ON_HOST_BYTES:  # small: one transfer per device, nothing to compile
+            return var.replace(read_stacked(template, kind, shape, sharding))
+        # large: one layer at a time on the host, written into the sharded stack in place
         layer_sharding = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
         stacked, setter = jnp.zeros(shape, param_dtype, device=sharding), _layer_setter(sharding)
         for i in range(shape[0]):

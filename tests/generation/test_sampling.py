@@ -84,3 +84,21 @@ def test_samples_stay_in_the_nucleus():
 def test_invalid_params(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         SamplingParams(**bad).validate()
+
+
+def test_per_row_values_and_keys_sample_each_row_as_it_would_alone():
+    """The server's form: one value and one key per row. Each row's token equals that row sampled
+    alone with its own values and key (greedy, penalised, top-k, top-p and plain temperature rows
+    side by side)."""
+    rows = [SamplingParams(), SamplingParams(repetition_penalty=1.4),
+            SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=1.2, top_p=0.6)]
+    seen = jnp.asarray(RNG.random(LOGITS.shape) < 0.3)
+    for seed in range(6):
+        keys = jax.random.split(jax.random.key(seed), len(rows))
+        values = {name: jnp.stack([p.as_arrays()[name] for p in rows]) for name in rows[0].as_arrays()}
+        together = np.asarray(_SAMPLE(jnp.asarray(LOGITS), keys, seen, **values))
+        alone = [int(_SAMPLE(jnp.asarray(LOGITS[r:r + 1]), keys[r], seen[r:r + 1], **p.as_arrays())[0])
+                 for r, p in enumerate(rows)]
+        assert together.tolist() == alone
+    penalised = apply_repetition_penalty(jnp.asarray(LOGITS), seen, jnp.float32(1.4))
+    assert together[1] == int(np.argmax(np.asarray(penalised)[1]))  # the penalty row is greedy on penalised logits

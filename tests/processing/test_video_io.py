@@ -16,10 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
+from qwenvl_jax.processing import video_io
 from qwenvl_jax.processing.image import smart_resize
 from qwenvl_jax.processing.video import preprocess_video
 from qwenvl_jax.processing.video_io import (
+    MAX_VIDEO_PIXELS,
     VideoLoadError,
+    clip_frame_range,
     frame_indices,
     frame_pixel_limits,
     read_video,
@@ -238,6 +241,12 @@ def test_special_files_are_refused_not_read(tmp_path, kind):
     (dict(nframes=-2), "nframes must be a positive number"),
     (dict(total_pixels=float("inf")), "total_pixels must be a positive number"),
     (dict(min_pixels=50_000, max_pixels=20_000), "min_pixels (50000) must not exceed max_pixels (20000)"),
+    (dict(min_frames=8, max_frames=4), "min_frames (8) must not exceed max_frames (4)"),
+    (dict(video_start=-1), "video_start must be a number of seconds >= 0"),
+    (dict(video_end=float("nan")), "video_end must be a number of seconds >= 0"),
+    (dict(video_start=0.5, video_end=0.5), "video_start (0.5) must be before video_end (0.5)"),
+    (dict(video_start=0.7, video_end=0.8), "holds fewer than 2 frames"),  # one frame at 4 fps
+    (dict(min_pixels=10**9), "min_pixels must be at most"),
 ])
 def test_bad_read_options_are_refused(tmp_path, options, needle):
     frames = [Image.new("RGB", (56, 56), (i * 40, 0, 0)) for i in range(4)]
@@ -245,3 +254,78 @@ def test_bad_read_options_are_refused(tmp_path, options, needle):
     frames[0].save(gif, save_all=True, append_images=frames[1:], duration=250, loop=0)
     with pytest.raises(VideoLoadError, match=re.escape(needle)):
         read_video(gif, **options)
+
+
+# ------------------------------------------------------------------------------ clips (video_start/end)
+
+def _qwen_vl_utils_frame_range(total, fps, start=None, end=None):
+    """qwen-vl-utils' calculate_video_frame_range (decord / torchcodec readers), transcribed."""
+    if start is None and end is None:
+        return 0, total - 1
+    duration = total / fps
+    first = math.ceil(max(0.0, min(start, duration)) * fps) if start is not None else 0
+    last = min(math.floor(max(0.0, min(end, duration)) * fps), total - 1) if end is not None else total - 1
+    if first >= last:
+        raise ValueError("invalid time range")
+    return first, last
+
+
+def test_frame_indices_from_a_start_match_torch_linspace():
+    for total in range(3, 90, 7):
+        for start in range(0, total - 1, 3):
+            for n in range(2, total - start + 1, 3):
+                ref = torch.linspace(start, total - 1, n).round().long().numpy()
+                np.testing.assert_array_equal(frame_indices(total, n, start), ref, err_msg=f"{total=} {start=} {n=}")
+
+
+def test_clip_frame_range_matches_qwen_vl_utils():
+    times = [None, 0.0, 0.1, 0.49, 0.5, 1.0, 1.26, 2.9, 3.0, 7.5]
+    for total, fps in ((24, 8.0), (37, 29.97), (100, 12.5)):
+        for start, end in itertools.product(times, times):
+            try:
+                expected = _qwen_vl_utils_frame_range(total, fps, start, end)
+            except ValueError:
+                with pytest.raises(ValueError, match="fewer than 2 frames"):
+                    clip_frame_range(total, fps, start, end)
+                continue
+            assert clip_frame_range(total, fps, start, end) == expected, (total, fps, start, end)
+
+
+@pytest.mark.parametrize("options", [dict(video_start=0.6, video_end=2.2), dict(video_start=1.3),
+                                     dict(video_end=1.9, nframes=6), dict(video_start=0.3, fps=4, max_frames=8)])
+def test_video_clip_samples_the_frames_qwen_vl_utils_samples(tmp_path, options):
+    path = _write_video(tmp_path / "clip.mp4")  # 24 frames @ 8 fps
+    first, last = _qwen_vl_utils_frame_range(24, 8.0, options.get("video_start"), options.get("video_end"))
+    span = last - first + 1
+    n = smart_nframes(span, 8.0, fps=options.get("fps", 2.0), nframes=options.get("nframes"),
+                      max_frames=options.get("max_frames", 768))
+    frames, sample_fps = read_video(path, **options)
+    assert _colour_ids(frames) == torch.linspace(first, last, n).round().long().tolist()
+    assert sample_fps == pytest.approx(n / span * 8.0)
+
+
+def test_frame_directory_clip(tmp_path):
+    for i in range(9):
+        _solid(i).save(tmp_path / f"{i:02d}.png")
+    frames, sample_fps = read_video(tmp_path, fps=2.0, video_start=1.0, video_end=3.5)  # frames 2..7, kept whole
+    assert _colour_ids(frames) == [2, 3, 4, 5, 6, 7] and sample_fps == 2.0
+
+
+def test_default_budgets_stay_within_the_video_pixel_limit():
+    # qwen-vl-utils' defaults at every frame count it can sample: the largest (whole-pixel) frames fit
+    assert max(n * math.floor(frame_pixel_limits(n)[1]) for n in range(2, 769, 2)) <= MAX_VIDEO_PIXELS
+
+
+def test_a_video_whose_frames_pass_the_pixel_limit_is_refused_after_one_frame(tmp_path, monkeypatch):
+    for i in range(40):
+        _solid(i % len(PALETTE)).save(tmp_path / f"{i:02d}.png")
+    frame = FRAME_HW[0] * FRAME_HW[1]  # each frame's size under the default budget
+    monkeypatch.setattr(video_io, "MAX_VIDEO_PIXELS", 30 * frame)
+    opened = []
+    real = video_io.load_image
+    monkeypatch.setattr(video_io, "load_image", lambda *a: opened.append(a) or real(*a))
+    with pytest.raises(VideoLoadError, match=f"40 frames .* per-video limit of {30 * frame}"):
+        read_video(tmp_path)
+    assert len(opened) == 1  # refused from the first frame's size, before the rest are read
+    frames, _ = read_video(tmp_path, nframes=30)
+    assert frames.shape == (30, *FRAME_HW, 3)

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import shutil
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -44,6 +45,24 @@ def test_export_roundtrip_sharded(tiny_checkpoint, shape, tmp_path):
     mm = (b["input_ids"] == 500).astype(np.int64)
     assert rel_err(hf_logits(reloaded, **b, mm_token_type_ids=mm), hf_logits(hf, **b, mm_token_type_ids=mm)) == 0
     assert rel_err(load_pretrained(out, dtype="float32")(**b), ours(**b)) == 0
+
+
+@pytest.mark.parametrize("mesh", [None, "data=2,fsdp=2,tensor=2"])
+def test_stacked_layers_load_the_same_either_way(tiny_checkpoint, monkeypatch, mesh):
+    """Stacked layer parameters are stacked on the host when small and written layer by layer
+    into the sharded stack when large: both give every parameter bit for bit, in its sharding."""
+    from qwenvl_jax.weights import load
+
+    path, hf = tiny_checkpoint("untied_w112")
+    on_host = load_pretrained(path, dtype="float32", mesh=mesh)
+    monkeypatch.setattr(load, "STACK_ON_HOST_BYTES", 0)
+    per_layer = load_pretrained(path, dtype="float32", mesh=mesh)
+    for a, b in zip(jax.tree.leaves(on_host.params), jax.tree.leaves(per_layer.params), strict=True):
+        assert a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ref = {canonical_name(k): v.numpy() for k, v in hf.state_dict().items()}
+    q0 = on_host.params["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(q0)[1], ref["model.layers.1.self_attn.q_proj.weight"].T)
 
 
 def test_bf16_checkpoint_and_export(tiny_checkpoint, tmp_path):
@@ -135,6 +154,8 @@ def test_save_pretrained_writes_a_complete_checkpoint(chat_checkpoint, tmp_path)
     src, _, ids = chat_checkpoint
     model = load_pretrained(src, dtype="float32")
     out = model.save_pretrained(tmp_path / "out")
+    # weights get the permissions every other new file gets (safetensors alone creates them 0600)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777
     side = {p.name for p in src.iterdir()} & set(SIDE_FILES)
     assert side >= {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json",
                     "generation_config.json"}

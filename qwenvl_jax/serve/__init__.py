@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving with continuous batching: python -m qwenvl_jax.serve."""

@@ -1,0 +1,87 @@
+"""Continuous batching against generate: requests of different lengths and budgets, more of them
+than slots, inserted while others decode, each get exactly what generate gives them alone."""
+
+import numpy as np
+import pytest
+
+from qwenvl_jax.config import Qwen25VLConfig
+from qwenvl_jax.generation.decode import ContextLengthError, generate
+from qwenvl_jax.generation.sampling import SamplingParams
+from qwenvl_jax.pretrained import init_model
+from qwenvl_jax.serve.engine import Engine, Request
+
+EOS, PAD = 7, 0
+
+
+@pytest.fixture(scope="module")
+def model():
+    return init_model(Qwen25VLConfig.from_preset("tiny"), dtype="float32", seed=3)
+
+
+def _prompt(length, seed):
+    return np.random.default_rng(seed).integers(10, 500, length)[None]
+
+
+def _serve(engine, requests):
+    """Submits (inputs, max_tokens, sampling, seed) requests; returns each one's (tokens, finish reason)."""
+    results = [([], []) for _ in requests]
+    for (inputs, max_tokens, sampling, seed), (tokens, reason) in zip(requests, results):
+        engine.submit(Request(inputs, max_tokens=max_tokens, sampling=sampling, seed=seed,
+                              on_token=tokens.append, on_finish=reason.append))
+    engine.run_until_idle()
+    return [(tokens, reason[0]) for tokens, reason in results]
+
+
+def test_greedy_requests_equal_generate_alone(model):
+    lengths, budgets = [5, 23, 9, 40, 14, 3, 31], [12, 3, 20, 7, 1, 16, 9]
+    requests = [(model.prepare(input_ids=_prompt(n, i)), m, SamplingParams(), None)
+                for i, (n, m) in enumerate(zip(lengths, budgets))]
+    engine = Engine(model, max_batch=3, max_seq_len=96, eos_token_ids=[EOS], pad_token_id=PAD, steps_per_call=3)
+    served = _serve(engine, requests)
+    for (inputs, m, _, _), (tokens, reason) in zip(requests, served):
+        ref = generate(model, inputs, max_new_tokens=m, eos_token_ids=[EOS], pad_token_id=PAD).token_ids[0]
+        assert tokens == ref
+        assert reason == ("stop" if ref[-1] == EOS else "length")
+    assert engine.busy_slots == 0
+
+
+def test_a_seeded_sampled_request_does_not_depend_on_its_neighbours(model):
+    sampled = (model.prepare(input_ids=_prompt(11, 100)), 10, SamplingParams(temperature=1.3, top_k=40), 1234)
+    engine = Engine(model, max_batch=4, max_seq_len=64, eos_token_ids=[], pad_token_id=PAD, steps_per_call=2)
+    alone = _serve(engine, [sampled])[0]
+    others = [(model.prepare(input_ids=_prompt(6 + i, i)), 5 + 3 * i, SamplingParams(temperature=0.8), i)
+              for i in range(3)]
+    crowded = _serve(engine, [others[0], sampled, *others[1:]])[1]
+    assert alone == crowded and len(alone[0]) == 10 and alone[1] == "length"
+
+
+def test_cancel_frees_the_slot_and_a_long_request_does_not_fit(model):
+    engine = Engine(model, max_batch=1, max_seq_len=32, eos_token_ids=[], pad_token_id=PAD, steps_per_call=2)
+    tokens, reasons = [], []
+    request = Request(model.prepare(input_ids=_prompt(4, 1)), max_tokens=20, on_token=tokens.append,
+                      on_finish=reasons.append)
+    request.on_token = lambda t: (tokens.append(t), len(tokens) == 3 and request.cancel())
+    engine.submit(request)
+    after = (model.prepare(input_ids=_prompt(5, 2)), 4, SamplingParams(), None)
+    engine.submit(Request(after[0], max_tokens=4, on_token=lambda t: None, on_finish=reasons.append))
+    engine.run_until_idle()
+    assert reasons == ["cancelled", "length"] and len(tokens) == 3
+    with pytest.raises(ContextLengthError, match="exceeds --max-seq-len"):
+        engine.submit(Request(model.prepare(input_ids=_prompt(30, 3)), max_tokens=3))
+
+
+def test_the_step_updates_the_ring_in_place(model):
+    """The engine's decode call is generation's copy-free step: the donated state's cache is aliased
+    to the output and the temporaries stay below one layer's k buffer (a copy of the cache, per
+    layer or stacked, would need at least that)."""
+    from qwenvl_jax.model.decoder import KVCache
+
+    slots = 1024
+    engine = Engine(model, max_batch=2, max_seq_len=slots, eos_token_ids=[], pad_token_id=PAD, steps_per_call=2)
+    _serve(engine, [(model.prepare(input_ids=_prompt(5, 0)), 3, SamplingParams(), None)])
+    (step,) = engine._step._compiled.values()
+    k_shape, _ = KVCache.layer_shapes(model.config.text, 2, slots)
+    layer_bytes = int(np.prod(k_shape)) * 4
+    memory = step.memory_analysis()
+    assert memory.alias_size_in_bytes >= 2 * model.config.text.num_hidden_layers * layer_bytes
+    assert memory.temp_size_in_bytes < layer_bytes, (memory.temp_size_in_bytes, layer_bytes)
