@@ -179,6 +179,7 @@ def evaluate(model, processor, records: list[dict], data_root=None, *, max_new_t
 
     predictions_out, when a list, receives {"task", "answer", "prediction"} per record, in order.
     """
+    from qwenvl_jax.data.formats import media_options
     from qwenvl_jax.generation.decode import generate
     from qwenvl_jax.processing.image import load_image
 
@@ -191,7 +192,11 @@ def evaluate(model, processor, records: list[dict], data_root=None, *, max_new_t
         chunk = prepared[start:start + batch_size]
         prompts = [processor.apply_chat_template(msgs, add_generation_prompt=True) for msgs, _, _ in chunk]
         images = [load_image(p) for _, paths, _ in chunk for p in paths]
-        batch = processor(text=prompts, images=images or None)
+        # an image part's own min_pixels / max_pixels, as training used them
+        own = [media_options(p, "image") for msgs, _, _ in chunk for m in msgs for p in m["content"]
+               if p["type"] == "image"]
+        limits = [(o.get("min_pixels"), o.get("max_pixels")) if o else None for o in own]
+        batch = processor(text=prompts, images=images or None, image_limits=limits if any(limits) else None)
         # The truth's boxes live in the resized frame make_data assumed; flag a processor that resizes otherwise.
         grids = iter(batch.get("image_grid_thw", []))
         for _, paths, truth in chunk:

@@ -260,9 +260,8 @@ class Engine:
 
     def _prefill_into(self, row: int, request: Request) -> int:
         lay = self.model.layout
-        prompt = put_prompt(lay, request.inputs, self.pad_token_id)
-        if prompt[0].shape[1] > self.max_seq_len:  # the bucket's padding would wrap the ring: no padding
-            raise ContextLengthError(f"prompt bucket {prompt[0].shape[1]} exceeds --max-seq-len {self.max_seq_len}")
+        # padded to its bucket, but never past the ring (padding columns would wrap onto the prompt)
+        prompt = put_prompt(lay, request.inputs, self.pad_token_id, max_length=self.max_seq_len)
         seed = request.seed if request.seed is not None else int(np.random.default_rng().integers(2**32))
         values = request.sampling.as_arrays()
         out_shardings = (self._prompt_cache_shardings(prompt[0].shape[1]), lay.replicated, lay.replicated,

@@ -148,3 +148,39 @@ def test_cli_errors(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match="bad.jsonl:1: not JSON"):
         ev.load_records(tmp_path / "bad.jsonl")
+
+
+def test_evaluate_sizes_each_image_by_its_own_budget(tmp_path, monkeypatch):
+    """An image part's min_pixels / max_pixels reach the processor, as in training: the grids are
+    those transformers' image processor gives under each image's own limits."""
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from qwenvl_jax.processing.processor import Processor
+
+    assert make_data(["--out", str(tmp_path), "--n", "2", "--seed", "5"]) == 0
+    budgets = [dict(max_pixels=28 * 28 * 6), {}]
+    records = []  # the same records in the HF chat form, whose media parts carry keys
+    for record, own in zip(ev.load_records(tmp_path / "train.jsonl"), budgets):
+        question = record["conversations"][0]["value"].replace("<image>", "")
+        records.append({"messages": [
+            {"role": "user", "content": [{"type": "image", "image": record["image"], **own},
+                                         {"type": "text", "text": question}]},
+            {"role": "assistant", "content": record["conversations"][1]["value"]}], "meta": record["meta"]})
+    processor = Processor.from_pretrained(tmp_path)
+    grids = []
+
+    def fake_generate(model, batch, *, max_new_tokens, eos_token_ids, pad_token_id):
+        grids.extend(batch["image_grid_thw"].tolist())
+        rows = len(batch["input_ids"])
+        return decode.GenerationOutput([[eos_token_ids[0]]] * rows, [0] * rows, 0.0, 0.0, 0, 0.0)
+
+    monkeypatch.setattr(decode, "generate", fake_generate)
+    ev.evaluate(_StubModel(), processor, records, tmp_path, batch_size=2)
+    expected = []
+    for record, own in zip(records, budgets):
+        image = Image.open(tmp_path / record["messages"][0]["content"][0]["image"])
+        hf = Qwen2VLImageProcessorPil(min_pixels=processor.min_pixels,
+                                      max_pixels=own.get("max_pixels", processor.max_pixels))
+        expected.append(hf(image, return_tensors="np")["image_grid_thw"][0].tolist())
+    assert grids == expected and grids[0] != grids[1]

@@ -33,7 +33,8 @@ def _serve(engine, requests):
 
 
 def test_greedy_requests_equal_generate_alone(model):
-    lengths, budgets = [5, 23, 9, 40, 14, 3, 31], [12, 3, 20, 7, 1, 16, 9]
+    # two prompt buckets (16, 20) and one cache bucket for generate (28 slots): few compiles
+    lengths, budgets = [5, 19, 9, 3, 17, 14, 20], [12, 8, 10, 9, 5, 11, 7]
     requests = [(model.prepare(input_ids=_prompt(n, i)), m, SamplingParams(), None)
                 for i, (n, m) in enumerate(zip(lengths, budgets))]
     engine = Engine(model, max_batch=3, max_seq_len=96, eos_token_ids=[EOS], pad_token_id=PAD, steps_per_call=3)
@@ -85,3 +86,33 @@ def test_the_step_updates_the_ring_in_place(model):
     memory = step.memory_analysis()
     assert memory.alias_size_in_bytes >= 2 * model.config.text.num_hidden_layers * layer_bytes
     assert memory.temp_size_in_bytes < layer_bytes, (memory.temp_size_in_bytes, layer_bytes)
+
+
+def test_a_failing_request_fails_alone_and_its_slot_is_reused(model, monkeypatch):
+    """An unexpected error in one request's prefill reaches only that request (the server's 500);
+    the others are served and the slot is free again."""
+    engine = Engine(model, max_batch=1, max_seq_len=64, eos_token_ids=[EOS], pad_token_id=PAD, steps_per_call=2)
+    real = engine._prefill_into
+    broken = model.prepare(input_ids=_prompt(6, 9))
+
+    def prefill_into(row, request):
+        if request.inputs is broken:
+            raise RuntimeError("device fell over")
+        return real(row, request)
+
+    monkeypatch.setattr(engine, "_prefill_into", prefill_into)
+    errors, reasons, tokens = [], [], []
+    engine.submit(Request(broken, max_tokens=3, on_error=errors.append, on_finish=reasons.append))
+    good = model.prepare(input_ids=_prompt(6, 10))
+    engine.submit(Request(good, max_tokens=3, on_token=tokens.append, on_finish=reasons.append))
+    engine.run_until_idle()
+    ref = generate(model, good, max_new_tokens=3, eos_token_ids=[EOS], pad_token_id=PAD).token_ids[0]
+    assert [str(e) for e in errors] == ["device fell over"] and engine.busy_slots == 0
+    assert tokens == ref and reasons == ["stop" if ref[-1] == EOS else "length"]
+
+
+def test_a_prompt_whose_bucket_passes_the_ring_is_padded_only_to_the_ring(model):
+    engine = Engine(model, max_batch=1, max_seq_len=30, eos_token_ids=[EOS], pad_token_id=PAD, steps_per_call=1)
+    inputs = model.prepare(input_ids=_prompt(28, 4))  # its bucket is 32 slots, the ring 30
+    (tokens, _), = _serve(engine, [(inputs, 2, SamplingParams(), None)])
+    assert tokens == generate(model, inputs, max_new_tokens=2, eos_token_ids=[EOS], pad_token_id=PAD).token_ids[0]
