@@ -106,16 +106,20 @@ class CompiledCache:
         return self._compiled[key](*dynamic)
 
 
-def _state_shardings(layout: Layout, cfg, batch: int, slots: int, max_new: int) -> DecodeState:
-    """Where each part of the decode state lives: rows over the batch axes, cache heads over kv_heads."""
+def cache_shardings(layout: Layout, cfg, batch: int, slots: int) -> KVCache:
+    """Where a KV cache lives: rows over the batch axes, heads over kv_heads (each layer's buffer)."""
     k_shape, v_shape = KVCache.layer_shapes(cfg, batch, slots)
     k, v = layout.sharding(K_CACHE_AXES, k_shape), layout.sharding(V_CACHE_AXES, v_shape)
-    rows = layout.sharding(("batch",), (batch,))
     n = cfg.num_hidden_layers
+    return KVCache(k=(k,) * n, v=(v,) * n, segment_ids=layout.sharding(("batch", "length"), (batch, slots)),
+                   index=layout.replicated)
+
+
+def _state_shardings(layout: Layout, cfg, batch: int, slots: int, max_new: int) -> DecodeState:
+    """Where each part of the decode state lives: rows over the batch axes, cache heads over kv_heads."""
+    rows = layout.sharding(("batch",), (batch,))
     return DecodeState(
-        cache=KVCache(k=(k,) * n, v=(v,) * n,
-                      segment_ids=layout.sharding(("batch", "length"), (batch, slots)),
-                      index=layout.replicated),
+        cache=cache_shardings(layout, cfg, batch, slots),
         last_token=rows, next_position=rows, done=rows,
         tokens=layout.sharding(("batch", "length"), (batch, max_new)), step=layout.replicated,
         seen=layout.sharding(("batch", "vocab"), (batch, cfg.vocab_size)), key=layout.replicated)

@@ -30,9 +30,9 @@ import numpy as np
 from flax import nnx, struct
 
 from qwenvl_jax.batch import ModelInputs
-from qwenvl_jax.generation.decode import CompiledCache, ContextLengthError, put_prompt
+from qwenvl_jax.generation.decode import CompiledCache, ContextLengthError, cache_shardings, put_prompt
 from qwenvl_jax.generation.sampling import SamplingParams, sample
-from qwenvl_jax.model.decoder import K_CACHE_AXES, V_CACHE_AXES, KVCache, unstack_layers
+from qwenvl_jax.model.decoder import KVCache, unstack_layers
 from qwenvl_jax.sharding import Layout, active, to_host
 
 
@@ -57,12 +57,9 @@ def _sampling_values(state) -> dict:
 
 
 def _state_shardings(layout: Layout, cfg, batch: int, slots: int) -> SlotState:
-    k_shape, v_shape = KVCache.layer_shapes(cfg, batch, slots)
-    n = cfg.num_hidden_layers
     rows = layout.sharding(("batch",), (batch,))
     return SlotState(
-        cache=KVCache(k=(layout.sharding(K_CACHE_AXES, k_shape),) * n, v=(layout.sharding(V_CACHE_AXES, v_shape),) * n,
-                      segment_ids=layout.sharding(("batch", "length"), (batch, slots)), index=layout.replicated),
+        cache=cache_shardings(layout, cfg, batch, slots),
         last_token=rows, next_position=rows, seen=layout.sharding(("batch", "vocab"), (batch, cfg.vocab_size)),
         keys=rows, temperature=rows, top_k=rows, top_p=rows, repetition_penalty=rows)
 
@@ -263,25 +260,15 @@ class Engine:
         # padded to its bucket, but never past the ring (padding columns would wrap onto the prompt)
         prompt = put_prompt(lay, request.inputs, self.pad_token_id, max_length=self.max_seq_len)
         seed = request.seed if request.seed is not None else int(np.random.default_rng().integers(2**32))
-        values = request.sampling.as_arrays()
-        out_shardings = (self._prompt_cache_shardings(prompt[0].shape[1]), lay.replicated, lay.replicated,
-                         lay.replicated, lay.replicated)
+        values = [lay.put(v) for v in request.sampling.as_arrays().values()]  # temperature, top_k, top_p, penalty
+        out_shardings = (cache_shardings(lay, self.model.config.text, 1, prompt[0].shape[1]),
+                         *(lay.replicated,) * 4)
         cache, first, next_pos, seen, key = self._prefill(
             self.model.graphdef, lay, self.model.params, self._layer_states, *prompt, lay.put(np.uint32(seed)),
-            *(lay.put(values[k]) for k in ("temperature", "top_k", "top_p", "repetition_penalty")),
-            out_shardings=out_shardings)
+            *values, out_shardings=out_shardings)
         self._state = self._insert(self._state, cache, lay.put(np.int32(row)), first, next_pos, seen, key,
-                                   *(lay.put(values[k]) for k in ("temperature", "top_k", "top_p",
-                                                                  "repetition_penalty")),
-                                   out_shardings=self._shardings)
+                                   *values, out_shardings=self._shardings)
         return int(to_host(first)[0])
-
-    def _prompt_cache_shardings(self, length: int) -> KVCache:
-        lay, cfg = self.model.layout, self.model.config.text
-        k_shape, v_shape = KVCache.layer_shapes(cfg, 1, length)
-        n = cfg.num_hidden_layers
-        return KVCache(k=(lay.sharding(K_CACHE_AXES, k_shape),) * n, v=(lay.sharding(V_CACHE_AXES, v_shape),) * n,
-                       segment_ids=lay.replicated, index=lay.replicated)
 
     def _decode(self) -> None:
         lay = self.model.layout
