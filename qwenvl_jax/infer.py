@@ -72,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     ap.add_argument("--draw", metavar="OUT.png", help="write the first image with the predicted boxes")
     ap.add_argument("--mesh", metavar="data=A,fsdp=B,tensor=C",
-                    help="device mesh over all devices; one size may be -1 (default: one device)")
+                    help="device mesh over all devices; one size may be -1 (default: one device; with several "
+                         "processes, all devices on fsdp)")
     ap.add_argument("--attention", default="auto", choices=["auto", "xla", "pallas"],
                     help="attention implementation: auto = Pallas kernels on TPU, XLA elsewhere")
     compilation_cache.add_argument(ap)

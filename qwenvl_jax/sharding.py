@@ -145,9 +145,11 @@ class Layout:
     @classmethod
     def create(cls, mesh: MeshConfig | Mesh | str | None = None, overrides=None,
                devices: Sequence[jax.Device] | None = None) -> Layout:
-        """mesh: a Mesh, a MeshConfig, 'data=..,fsdp=..,tensor=..', or None (one device)."""
+        """mesh: a Mesh, a MeshConfig, 'data=..,fsdp=..,tensor=..', or None (one device; with several
+        processes, every device on fsdp: a mesh on process 0's device alone leaves the others nothing)."""
         if mesh is None:
-            devices = [jax.devices()[0]] if devices is None else devices
+            if devices is None:
+                devices = jax.devices() if jax.process_count() > 1 else [jax.devices()[0]]
             mesh = MeshConfig(1, -1, 1).make_mesh(devices)
         elif isinstance(mesh, str):
             mesh = MeshConfig.parse(mesh).make_mesh(devices)

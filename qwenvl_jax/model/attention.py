@@ -137,6 +137,55 @@ def _windowed_segments(q, k, v, seg, w, span, scale):
     return out.reshape(b, n, hq, d)
 
 
+def causal_blocked(q, k, v, segment_ids, block: int = 256, scale: float | None = None):
+    """Causal self-attention within segments, for inference: query block i visits key blocks
+    0..i only (an online softmax over them), so the masked half is never computed and no
+    [N, N] scores exist. On CPU a 3584-token prompt's attention took 1/5 of the dense path's time.
+    The loop's trip count depends on the block, so this is not reverse-differentiable (training
+    uses `attend`).
+
+    q [B, N, Hq, D]; k, v [B, N, Hk, D]; segment_ids [B, N]. Returns [B, N, Hq, D] in v's dtype.
+    """
+    b, n, hq, d = q.shape
+    hk = k.shape[2]
+    g = hq // hk
+    scale = d ** -0.5 if scale is None else scale
+    nb = -(-n // block)
+    tail = nb * block - n
+    pad = lambda x, val: jnp.pad(x, [(0, 0), (0, tail)] + [(0, 0)] * (x.ndim - 2), constant_values=val)  # noqa: E731
+    f32 = jnp.float32
+    # blocks on the leading axis, each in its matmul's operand layout
+    qb = pad(q, 0).reshape(b, nb, block, hk, g, d).transpose(1, 0, 3, 4, 2, 5)  # [nb, B, K, G, bq, D]
+    kb = pad(k, 0).reshape(b, nb, block, hk, d).transpose(1, 0, 3, 4, 2)  # [nb, B, K, D, bk]
+    vb = pad(v, 0).reshape(b, nb, block, hk, d).transpose(1, 0, 3, 2, 4)  # [nb, B, K, bk, D]
+    q_seg = pad(segment_ids, -1).reshape(b, nb, block).transpose(1, 0, 2)  # padding matches nothing real
+    kv_seg = pad(segment_ids, -2).reshape(b, nb, block).transpose(1, 0, 2)
+    causal = jnp.arange(block)[:, None] >= jnp.arange(block)[None, :]
+
+    def query_block(i):
+        qi = (qb[i].astype(f32) * scale).astype(q.dtype)
+
+        def key_block(j, carry):
+            m, total, acc = carry
+            scores = jnp.einsum("bkgqd,bkds->bkgqs", qi, kb[j], preferred_element_type=f32)
+            mask = (q_seg[i][:, :, None] == kv_seg[j][:, None, :]) & ((j < i) | causal)[None]
+            scores = jnp.where(mask[:, None, None], scores, _NEG)
+            m_new = jnp.maximum(m, scores.max(-1, keepdims=True))
+            # Blocks before a query's first visible key add exp(0) terms; the first real key's
+            # correction exp(_NEG - m) == 0 erases them (every real query sees itself).
+            p, correction = jnp.exp(scores - m_new), jnp.exp(m - m_new)
+            acc = acc * correction + jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), vb[j],
+                                                preferred_element_type=f32)
+            return m_new, total * correction + p.sum(-1, keepdims=True), acc
+
+        stats = jnp.full((b, hk, g, block, 1), _NEG, f32), jnp.zeros((b, hk, g, block, 1), f32)
+        _, total, acc = jax.lax.fori_loop(0, i + 1, key_block, (*stats, jnp.zeros((b, hk, g, block, d), f32)))
+        return (acc / total).astype(v.dtype)
+
+    out = jax.lax.map(query_block, jnp.arange(nb))  # [nb, B, K, G, bq, D]
+    return out.transpose(1, 0, 4, 2, 3, 5).reshape(b, nb * block, hq, d)[:, :n]
+
+
 def cache_masks(q_segment_ids, kv_segment_ids):
     """What each of L new tokens sees: cache slots [B, L, S] (filled slots of its own segment;
     kv_segment_ids from before these tokens are written) and the new tokens [B, L, L] (its own

@@ -18,12 +18,13 @@ from flax import nnx, struct
 
 from qwenvl_jax.config import TextConfig
 from qwenvl_jax.kernels.sharded import resolve_impl, sharded_causal_attention
-from qwenvl_jax.model.attention import attend, attend_cache, cache_masks
+from qwenvl_jax.model.attention import attend, attend_cache, cache_masks, causal_blocked
 from qwenvl_jax.model.layers import MLP, Embed, Linear, RMSNorm, scan_layers, stack_layers
 from qwenvl_jax.model.rope import apply_rotary, mrope_cos_sin
 from qwenvl_jax.sharding import constrain
 
 HIDDEN = ("batch", "length", "act_embed")
+PREFILL_BLOCK = 256  # query/key block of the XLA prefill's causal attention (see causal_blocked)
 
 
 # One layer's cache buffers, in the layouts the two attention matmuls read without a transpose:
@@ -86,7 +87,7 @@ class Attention(nnx.Module):
         # k, v rounded through the cache's dtype, as every later step reads them
         k, v = k.astype(ck.dtype).astype(q.dtype), v.astype(cv.dtype).astype(v.dtype)
         if prefill:
-            out = self._causal(q, k, v, segment_ids)
+            out = self._causal(q, k, v, segment_ids, inference=True)
         else:  # the cache as it was before this step, and the new tokens beside it
             out = attend_cache(q, ck, cv, k, v, *masks)
         # Then only the L new slots are written, in place: the rest of the donated buffer stays
@@ -98,10 +99,13 @@ class Attention(nnx.Module):
         cv = jax.lax.dynamic_update_slice_in_dim(cv, v.swapaxes(1, 2).astype(cv.dtype), index, axis=2)
         return self.o_proj(out.reshape(b, length, -1)), (ck, cv)
 
-    def _causal(self, q, k, v, segment_ids):
-        """Causal attention of a sequence to itself: the kernel on TPU, else XLA."""
+    def _causal(self, q, k, v, segment_ids, inference: bool = False):
+        """Causal attention of a sequence to itself: the kernel on TPU, else XLA (for a long prompt
+        at inference, blocks that skip the masked half)."""
         if resolve_impl(self.attention_impl) == "pallas":
             return sharded_causal_attention(q, k, v, segment_ids)
+        if inference and q.shape[1] > 2 * PREFILL_BLOCK:  # shorter: the dense path is as fast
+            return causal_blocked(q, k, v, segment_ids, PREFILL_BLOCK)
         return attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True)
 
 

@@ -180,9 +180,9 @@ def vision_inputs(pixel_values, grid_thw, cfg: VisionConfig) -> VisionInputs:
     window_seg = np.repeat(np.arange(n_slots // window_units) + 1, cfg.window_patches)
     window_seg[full_seg == 0] = 0
     # Units of a temporal slice stay contiguous in window order (padding aside): span per slice.
-    first = np.full(len(slice_sizes) + 1, n_slots)
+    pos = np.arange(len(full_seg))  # patch-level slots
+    first = np.full(len(slice_sizes) + 1, len(pos))
     last = np.zeros(len(slice_sizes) + 1, np.int64)
-    pos = np.arange(len(full_seg))
     np.minimum.at(first, full_seg, pos)
     np.maximum.at(last, full_seg, pos)
     return VisionInputs(

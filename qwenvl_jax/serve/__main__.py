@@ -4,6 +4,10 @@
 
 Without --checkpoint it serves the bundled demo model. It compiles the prefill, insert and decode
 programs (a short text request through several slots) before it reports ready.
+
+On several hosts every process runs the same command (with --distributed, or --coordinator,
+--num-processes and --process-id); process 0 serves HTTP and broadcasts each scheduling decision,
+the others run the same device programs.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import argparse
 import sys
 import time
 
-from qwenvl_jax import compilation_cache
+from qwenvl_jax import compilation_cache, distributed
 from qwenvl_jax.cli import DefaultsHelpFormatter, user_error
 from qwenvl_jax.demo import DEMO_MODEL
 
@@ -33,7 +37,9 @@ def parse_args(argv=None):
     ap.add_argument("--steps-per-call", type=int, default=4, help="decode steps per device call (new requests "
                                                                    "join between calls)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
-    ap.add_argument("--mesh", metavar="data=A,fsdp=B,tensor=C", help="device mesh (default: all devices on fsdp)")
+    ap.add_argument("--mesh", metavar="data=A,fsdp=B,tensor=C",
+                    help="device mesh over all devices; one size may be -1 (default: one device; with several "
+                         "processes, all devices on fsdp)")
     ap.add_argument("--attention", default="auto", choices=["auto", "xla", "pallas"])
     ap.add_argument("--allowed-media-dir", help="file:// image and video URLs must lie in this directory "
                                                 "(default: file:// refused)")
@@ -41,6 +47,7 @@ def parse_args(argv=None):
     ap.add_argument("--served-model-name", help="the model id clients name (default: the checkpoint's)")
     ap.add_argument("--video-fps", type=float, default=2.0, help="video frames sampled per second")
     compilation_cache.add_argument(ap)
+    distributed.add_arguments(ap)
     return ap.parse_args(argv)
 
 
@@ -83,10 +90,11 @@ def build_server(args):
                     steps_per_call=args.steps_per_call)
     print(f"loaded {checkpoint} ({dtype}) in {time.perf_counter() - t:.1f} s; compiling...", file=sys.stderr,
           flush=True)
-    prompt = processor.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
-    warm_s = warm_up(engine, model.prepare(**processor(text=prompt)))
     name = args.served_model_name or (args.checkpoint if args.checkpoint else "qwenvl_jax-demo")
-    print(f"compiled in {warm_s:.1f} s", file=sys.stderr, flush=True)
+    if distributed.is_main_process():  # the others compile the same programs by following its warm-up
+        prompt = processor.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
+        warm_s = warm_up(engine, model.prepare(**processor(text=prompt)))
+        print(f"compiled in {warm_s:.1f} s", file=sys.stderr, flush=True)
     return Server(model, processor, engine, name=name, defaults=defaults, allowed_media_dir=media_dir,
                   api_key=args.api_key, video_fps=args.video_fps)
 
@@ -99,10 +107,17 @@ def main(argv=None) -> int:
     except ImportError:
         return user_error(ValueError("serving needs FastAPI and uvicorn: pip install qwenvl_jax[serve]"))
     try:
+        distributed.initialize_from_args(args)
         compilation_cache.enable_from_args(args)
         server = build_server(args)
     except (ValueError, OSError, KeyError) as e:
         return user_error(e)
+    if not distributed.is_main_process():
+        import jax
+
+        print(f"process {jax.process_index()}: running process 0's steps", file=sys.stderr, flush=True)
+        server.engine.follow()
+        return 0
     from qwenvl_jax.serve.app import create_app
 
     server.engine.start()

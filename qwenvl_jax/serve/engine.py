@@ -33,6 +33,7 @@ from qwenvl_jax.batch import ModelInputs
 from qwenvl_jax.generation.decode import CompiledCache, ContextLengthError, cache_shardings, put_prompt
 from qwenvl_jax.generation.sampling import SamplingParams, sample
 from qwenvl_jax.model.decoder import KVCache, unstack_layers
+from qwenvl_jax.serve.plan import Admission, Plan, broadcast_plan
 from qwenvl_jax.sharding import Layout, active, to_host
 
 
@@ -182,6 +183,9 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
+        # several processes: process 0 decides each iteration and broadcasts it (plan.py)
+        self._multi = jax.process_count() > 1
+        self._followers_released = False
 
     # ------------------------------------------------------------------ public
     def check(self, prompt_tokens: int, max_tokens: int) -> None:
@@ -202,10 +206,15 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        """Ends the loop (and, on several processes, releases the followers)."""
         self._stop.set()
         self._queue.put(None)  # wakes an idle loop
         if self._thread is not None:
             self._thread.join()
+            self._thread = None
+        if self._multi and not self._followers_released:
+            broadcast_plan(Plan(stop=True))
+            self._followers_released = True
 
     @property
     def busy_slots(self) -> int:
@@ -231,42 +240,60 @@ class Engine:
             self._iterate(block=True)
 
     def _iterate(self, block: bool) -> None:
-        self._admit(block and not self.busy_slots)
-        if self.busy_slots:
-            self._decode()
-
-    def _admit(self, block: bool) -> None:
+        """Process 0's iteration: admit waiting requests into free slots, then one decode call
+        (the plan is broadcast first when several processes run the engine)."""
+        admit = []
+        block = block and not self.busy_slots
         while None in self._slots:
             try:
                 request = self._queue.get(timeout=0.5) if block else self._queue.get_nowait()
             except queue.Empty:
-                return
+                break
             block = False
             if request is None or request.cancelled.is_set():
                 if request is not None:
                     request.on_finish("cancelled")
                 continue
             row = self._slots.index(None)
-            try:
-                first = self._prefill_into(row, request)
-            except Exception as e:  # noqa: BLE001 - one request's failure is its own (500), the slot stays free
-                request.on_error(e)
-                continue
-            self._slots[row] = request
-            self._deliver(row, [first])
+            self._slots[row] = request  # reserved; freed again if its prefill fails
+            seed = request.seed if request.seed is not None else int(np.random.default_rng().integers(2**32))
+            admit.append(Admission(row, request.inputs, seed, request.sampling))
+        plan = Plan(admit=tuple(admit), decode=self.busy_slots > 0)
+        if self._multi:
+            broadcast_plan(plan)
+        self._run_plan(plan)
 
-    def _prefill_into(self, row: int, request: Request) -> int:
+    def follow(self) -> None:
+        """Every process but 0: runs process 0's plans, the same programs in the same order,
+        until it stops."""
+        while not (plan := broadcast_plan(None)).stop:
+            self._run_plan(plan)
+
+    def _run_plan(self, plan: Plan) -> None:
+        for a in plan.admit:
+            try:
+                first = self._prefill_into(a)
+            except Exception as e:  # noqa: BLE001 - one request's failure is its own (500), the slot is freed
+                request, self._slots[a.row] = self._slots[a.row], None
+                if request is not None:
+                    request.on_error(e)
+                continue
+            if self._slots[a.row] is not None:  # followers hold no requests
+                self._deliver(a.row, [first])
+        if plan.decode:
+            self._decode()
+
+    def _prefill_into(self, a: Admission) -> int:
         lay = self.model.layout
         # padded to its bucket, but never past the ring (padding columns would wrap onto the prompt)
-        prompt = put_prompt(lay, request.inputs, self.pad_token_id, max_length=self.max_seq_len)
-        seed = request.seed if request.seed is not None else int(np.random.default_rng().integers(2**32))
-        values = [lay.put(v) for v in request.sampling.as_arrays().values()]  # temperature, top_k, top_p, penalty
+        prompt = put_prompt(lay, a.inputs, self.pad_token_id, max_length=self.max_seq_len)
+        values = [lay.put(v) for v in a.sampling.as_arrays().values()]  # temperature, top_k, top_p, penalty
         out_shardings = (cache_shardings(lay, self.model.config.text, 1, prompt[0].shape[1]),
                          *(lay.replicated,) * 4)
         cache, first, next_pos, seen, key = self._prefill(
-            self.model.graphdef, lay, self.model.params, self._layer_states, *prompt, lay.put(np.uint32(seed)),
+            self.model.graphdef, lay, self.model.params, self._layer_states, *prompt, lay.put(np.uint32(a.seed)),
             *values, out_shardings=out_shardings)
-        self._state = self._insert(self._state, cache, lay.put(np.int32(row)), first, next_pos, seen, key,
+        self._state = self._insert(self._state, cache, lay.put(np.int32(a.row)), first, next_pos, seen, key,
                                    *values, out_shardings=self._shardings)
         return int(to_host(first)[0])
 

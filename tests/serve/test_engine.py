@@ -95,10 +95,10 @@ def test_a_failing_request_fails_alone_and_its_slot_is_reused(model, monkeypatch
     real = engine._prefill_into
     broken = model.prepare(input_ids=_prompt(6, 9))
 
-    def prefill_into(row, request):
-        if request.inputs is broken:
+    def prefill_into(admission):
+        if admission.inputs is broken:
             raise RuntimeError("device fell over")
-        return real(row, request)
+        return real(admission)
 
     monkeypatch.setattr(engine, "_prefill_into", prefill_into)
     errors, reasons, tokens = [], [], []
