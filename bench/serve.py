@@ -1,6 +1,7 @@
 """Serving throughput and latency, measured side by side in one run.
 
-    python bench/serve.py [--model small|tiny] [--requests 32] [--max-tokens 48]
+    python bench/serve.py [--model small|tiny] [--requests 32] [--max-tokens 48] [--max-seq-len 512]
+                          [--steps-per-call N]
 
 Builds a random checkpoint (bench/common.py's config, the package's tiny tokenizer), starts
 `python -m qwenvl_jax.serve` on it and sends the same greedy chat requests through the official
@@ -14,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
+import multiprocessing
 import os
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -42,13 +44,15 @@ def build_checkpoint(model: str, out: Path) -> None:
     Qwen2_5_VLForConditionalGeneration(cfg).eval().save_pretrained(out)
 
 
-def start_server(checkpoint: Path, max_batch: int, max_seq_len: int) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: Path, max_batch: int, max_seq_len: int, steps_per_call: int | None
+                 ) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    steps = ["--steps-per-call", str(steps_per_call)] if steps_per_call else []
     proc = subprocess.Popen([sys.executable, "-m", "qwenvl_jax.serve", "--checkpoint", str(checkpoint),
                              "--port", str(port), "--max-batch", str(max_batch), "--max-seq-len", str(max_seq_len),
-                             "--dtype", "float32", "--served-model-name", "bench"],
+                             "--dtype", "float32", "--served-model-name", "bench", *steps],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "XLA_FLAGS": ""})
     base = f"http://127.0.0.1:{port}"
@@ -115,11 +119,33 @@ def generate_one_by_one(checkpoint: Path, texts, max_tokens) -> float:
     return tokens / (time.perf_counter() - t)
 
 
+def _long_generations(base: str, texts: list[str], stop) -> None:
+    """The background load: one streamed 400-token generation after another per text, in a process
+    of its own, so its client-side work does not hold the measuring process's GIL."""
+    import openai
+
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
+
+    def loop(text):
+        while not stop.is_set():
+            ask(client, text, 400)
+
+    with concurrent.futures.ThreadPoolExecutor(len(texts)) as pool:
+        list(pool.map(loop, texts))
+
+
+def _busy_slots(base: str) -> int:
+    with urllib.request.urlopen(base + "/health", timeout=5) as r:
+        return json.load(r)["busy_slots"]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="small", choices=sorted(CONFIGS))
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--max-seq-len", type=int, default=512, help="the server's ring: prompt + max_tokens per request")
+    ap.add_argument("--steps-per-call", type=int, help="the server's decode steps per call (default: its own)")
     args = ap.parse_args()
     import openai
 
@@ -128,30 +154,28 @@ def main():
         build_checkpoint(args.model, checkpoint)
         texts = prompts(args.requests)
         reference = generate_one_by_one(checkpoint, texts, args.max_tokens)
-        proc, base = start_server(checkpoint, max_batch=16, max_seq_len=1024)
+        proc, base = start_server(checkpoint, max_batch=16, max_seq_len=args.max_seq_len,
+                                  steps_per_call=args.steps_per_call)
         try:
             client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
-            run_level(client, texts[:16], args.max_tokens, 16)  # warm: every prompt bucket compiled
+            run_level(client, texts, args.max_tokens, 16)  # warm: every prompt bucket compiled
             levels = {c: run_level(client, texts, args.max_tokens, c) for c in (1, 4, 16)}
-            idle = [ask(client, "hello there", 4)[0] for _ in range(5)]
-            stop = threading.Event()
-
-            def long_one(i):
-                while not stop.is_set():
-                    ask(client, texts[i], 400)
-
-            busy_pool = concurrent.futures.ThreadPoolExecutor(15)
-            for i in range(15):
-                busy_pool.submit(long_one, i)
-            time.sleep(3.0)  # the 15 are decoding
-            busy = [ask(client, "hello there", 4)[0] for _ in range(5)]
+            idle = [ask(client, "hello there", 4)[0] for _ in range(9)]
+            ctx = multiprocessing.get_context("spawn")
+            stop = ctx.Event()
+            load = ctx.Process(target=_long_generations, args=(base, texts[:15], stop))
+            load.start()
+            while _busy_slots(base) < 15:  # the 15 are decoding
+                time.sleep(0.2)
+            busy = [ask(client, "hello there", 4)[0] for _ in range(9)]
             stop.set()
-            busy_pool.shutdown(wait=True)
+            load.join()
         finally:
             proc.terminate()
             proc.wait(timeout=60)
 
-    print(f"model {args.model}; {args.requests} greedy requests of up to {args.max_tokens} tokens; "
+    print(f"model {args.model}; 16 slots of {args.max_seq_len}, {args.steps_per_call or 'default'} steps per call; "
+          f"{args.requests} greedy requests of up to {args.max_tokens} tokens; "
           f"generate one by one: {reference:.1f} tok/s")
     print("| concurrency | output tok/s | vs concurrency 1 | vs generate one by one | TTFT p50 | TTFT p99 |")
     print("|---|---|---|---|---|---|")

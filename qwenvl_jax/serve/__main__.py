@@ -34,8 +34,9 @@ def parse_args(argv=None):
     ap.add_argument("--max-batch", type=int, default=8, help="decode slots (requests generated together)")
     ap.add_argument("--max-seq-len", type=int, help="prompt + max_tokens per request (default: the model's "
                                                     "context, at most 4096)")
-    ap.add_argument("--steps-per-call", type=int, default=4, help="decode steps per device call (new requests "
-                                                                   "join between calls)")
+    ap.add_argument("--steps-per-call", type=int, default=1, help="decode steps per device call (new requests "
+                                                                   "join between calls: more steps, less overhead "
+                                                                   "but a longer wait for a new request)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
     ap.add_argument("--mesh", metavar="data=A,fsdp=B,tensor=C",
                     help="device mesh over all devices; one size may be -1 (default: one device; with several "

@@ -161,7 +161,7 @@ class Engine:
     """The scheduling loop: admit waiting requests into free slots, then one decode call for all."""
 
     def __init__(self, model, *, max_batch: int, max_seq_len: int, eos_token_ids, pad_token_id: int,
-                 steps_per_call: int = 4):
+                 steps_per_call: int = 1):
         cfg = model.config.text
         if max_batch < 1 or steps_per_call < 1:
             raise ValueError(f"max_batch and steps_per_call must be >= 1, got {max_batch}, {steps_per_call}")
