@@ -201,31 +201,23 @@ def attend_cache(q, k_cache, v_cache, k_new, v_new, cache_mask, new_mask, scale:
 
     q [B, L, Hq, D]; k_cache [B, Hk, D, S] and v_cache [B, Hk, S, D], each the operand layout of
     its matmul, so no step transposes or copies the cache; k_new, v_new [B, L, Hk, D];
-    cache_mask [B, L, S] and new_mask [B, L, L] (cache_masks). The cache may also come in parts
-    (tuples of k, v and mask pieces, e.g. two slices of a ring): attention does not depend on slot
-    order. One softmax over all of it, in f32. Returns [B, L, Hq, D] in v's dtype.
+    cache_mask [B, L, S] and new_mask [B, L, L] (cache_masks). One softmax over both, in f32.
+    Returns [B, L, Hq, D] in v_cache's dtype.
     """
-    parts = (list(zip(k_cache, v_cache, cache_mask, strict=True)) if isinstance(k_cache, tuple)
-             else [(k_cache, v_cache, cache_mask)])
     b, n, hq, d = q.shape
-    hk = parts[0][0].shape[1]
-    dtype = parts[0][1].dtype
+    hk = k_cache.shape[1]
     scale = d ** -0.5 if scale is None else scale
-    qh = q.reshape(b, n, hk, hq // hk, d).transpose(0, 2, 3, 1, 4).astype(parts[0][0].dtype)  # [B, K, G, L, D]
+    qh = q.reshape(b, n, hk, hq // hk, d).transpose(0, 2, 3, 1, 4).astype(k_cache.dtype)  # [B, K, G, L, D]
     f32 = jnp.float32
-    s_cache = [jnp.where(mask[:, None, None], jnp.einsum("bkgnd,bkds->bkgns", qh, k, preferred_element_type=f32)
-                         * scale, _NEG) for k, _, mask in parts]
+    s_cache = jnp.einsum("bkgnd,bkds->bkgns", qh, k_cache, preferred_element_type=f32) * scale
     s_new = jnp.einsum("bkgnd,bmkd->bkgnm", qh, k_new.astype(qh.dtype), preferred_element_type=f32) * scale
+    s_cache = jnp.where(cache_mask[:, None, None], s_cache, _NEG)
     s_new = jnp.where(new_mask[:, None, None], s_new, _NEG)
-    m = s_new.max(-1, keepdims=True)
-    for s in s_cache:
-        m = jnp.maximum(m, s.max(-1, keepdims=True))
-    p_cache, p_new = [jnp.exp(s - m) for s in s_cache], jnp.exp(s_new - m)
-    total = p_new.sum(-1, keepdims=True)
-    for p in p_cache:
-        total = total + p.sum(-1, keepdims=True)
-    out = jnp.einsum("bkgnm,bmkd->bkgnd", (p_new / total).astype(dtype), v_new.astype(dtype),
-                     preferred_element_type=f32)
-    for p, (_, v, _) in zip(p_cache, parts):
-        out = out + jnp.einsum("bkgns,bksd->bkgnd", (p / total).astype(dtype), v, preferred_element_type=f32)
+    m = jnp.maximum(s_cache.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
+    p_cache, p_new = jnp.exp(s_cache - m), jnp.exp(s_new - m)
+    total = p_cache.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
+    dtype = v_cache.dtype
+    out = (jnp.einsum("bkgns,bksd->bkgnd", (p_cache / total).astype(dtype), v_cache, preferred_element_type=f32)
+           + jnp.einsum("bkgnm,bmkd->bkgnd", (p_new / total).astype(dtype), v_new.astype(dtype),
+                        preferred_element_type=f32))
     return out.astype(dtype).transpose(0, 3, 1, 2, 4).reshape(b, n, hq, d)

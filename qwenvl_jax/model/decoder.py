@@ -69,10 +69,8 @@ class Attention(nnx.Module):
         self.attention_impl = attention_impl
 
     def __call__(self, x, cos, sin, segment_ids, cache=None, prefill: bool = False):
-        """x [B, L, D]. cache: None, or (k [B, K, hd, S], v [B, K, S, hd], masks, index, window) with
-        masks = (which cache slots [B, L, S] and which new tokens [B, L, L] each new token sees) and
-        window None or (starts, width, counts) (ring_window): attention reads only the cache slices
-        [start, start + width) (masks then hold one [B, L, width] mask per slice).
+        """x [B, L, D]. cache: None, or (k [B, K, hd, S], v [B, K, S, hd], masks, index) with masks =
+        (which cache slots [B, L, S] and which new tokens [B, L, L] each new token sees).
         prefill: the cache holds nothing before these tokens (generation's first step), so they
         attend only among themselves: the causal kernel's path, no [L, S] scores."""
         b, length, _ = x.shape
@@ -85,18 +83,13 @@ class Attention(nnx.Module):
         v = constrain(v, "batch", "length", "kv_heads", "head_dim")
         if cache is None:  # a whole (packed) sequence: the training / scoring path
             return self.o_proj(self._causal(q, k, v, segment_ids).reshape(b, length, -1)), None
-        ck, cv, masks, index, window = cache
+        ck, cv, masks, index = cache
         # k, v rounded through the cache's dtype, as every later step reads them
         k, v = k.astype(ck.dtype).astype(q.dtype), v.astype(cv.dtype).astype(v.dtype)
         if prefill:
             out = self._causal(q, k, v, segment_ids, inference=True)
-        elif window is None:  # the cache as it was before this step, and the new tokens beside it
+        else:  # the cache as it was before this step, and the new tokens beside it
             out = attend_cache(q, ck, cv, k, v, *masks)
-        else:
-            starts, width, _ = window
-            ks = tuple(jax.lax.dynamic_slice_in_dim(ck, a, width, axis=3) for a in starts)
-            vs = tuple(jax.lax.dynamic_slice_in_dim(cv, a, width, axis=2) for a in starts)
-            out = attend_cache(q, ks, vs, k, v, *masks)
         # Then only the L new slots are written, in place: the rest of the donated buffer stays
         # where it is. (Attention reading the updated buffer made XLA:CPU fuse the update into the
         # matmul's operand too and copy the whole cache to keep both.)
@@ -141,12 +134,10 @@ class TextModel(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
 
     def __call__(self, x, position_ids, segment_ids, cache: KVCache | None = None, prefill: bool = False,
-                 layers: list[DecoderLayer] | None = None, window=None):
+                 layers: list[DecoderLayer] | None = None):
         """x [B, L, D] input embeddings; position_ids [3, B, L]; segment_ids [B, L] (0 = padding).
         prefill: `cache` is empty (static; see Attention). layers: with a cache, the layers as
         separate modules (`unstack_layers`); default: sliced from the stacked ones here.
-        window: None (attend to every cache slot) or ring_window(...): only the slots of its slices
-        are read (a ring cache whose live part is short).
 
         Returns (hidden [B, L, D], updated cache or None).
         """
@@ -156,19 +147,11 @@ class TextModel(nnx.Module):
         if cache is None:
             x, _ = scan_layers(self.layers, lambda layer, h, _: layer(h, cos, sin, segment_ids), x)
             return self.norm(x), None
-        if prefill:
-            masks = None
-        elif window is None:
-            masks = cache_masks(segment_ids, cache.segment_ids)
-        else:  # one cache mask per slice (none of a slice that does not count), the new tokens' mask once
-            starts, width, counts = window
-            parts = [cache_masks(segment_ids, jax.lax.dynamic_slice_in_dim(cache.segment_ids, a, width, axis=1) * c)
-                     for a, c in zip(starts, counts, strict=True)]
-            masks = (tuple(m for m, _ in parts), parts[0][1])
+        masks = None if prefill else cache_masks(segment_ids, cache.segment_ids)
         layers = unstack_layers(self.layers) if layers is None else layers
         ks, vs = [], []
         for layer, ck, cv in zip(layers, cache.k, cache.v, strict=True):
-            x, (ck, cv) = layer(x, cos, sin, segment_ids, (ck, cv, masks, cache.index, window), prefill)
+            x, (ck, cv) = layer(x, cos, sin, segment_ids, (ck, cv, masks, cache.index), prefill)
             ks.append(ck)
             vs.append(cv)
         kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, after(segment_ids, x), cache.index, axis=1)
@@ -195,17 +178,3 @@ def unstack_layers(stacked: nnx.Module, layer_states=None) -> list[nnx.Module]:
         n = jax.tree.leaves(state)[0].shape[0]
         layer_states = [jax.tree.map(lambda a, i=i: a[i], state) for i in range(n)]
     return [nnx.merge(graphdef, s) for s in layer_states]
-
-
-
-def ring_window(end, slots: int, width: int):
-    """TextModel's `window` for a ring cache whose live slots all lie in the `width` slots before
-    `end` (mod slots): two slices of `width` slots and whether each counts. Without a wrap, the
-    slice [end - width, end) alone; with one, [slots - width, slots) and [0, width), disjoint as
-    2 * width <= slots. Slots a slice holds beyond the live ones must carry segment id 0 (the
-    server clears a row's other slots when it enters)."""
-    if 2 * width > slots:
-        raise ValueError(f"a ring window of {width} slots needs at least {2 * width} cache slots, got {slots}")
-    start = (end - width) % slots
-    wrap = start + width > slots
-    return (jnp.where(wrap, slots - width, start), jnp.zeros_like(start)), width, (jnp.ones((), bool), wrap)

@@ -50,12 +50,10 @@ class Qwen25VL(nnx.Module):
         h, cache = self.language_model(x, position_ids, segment_ids, cache, prefill=True, layers=layers)
         return self.logits(h[:, -1]), cache
 
-    def decode(self, tokens, position_ids, cache: KVCache, layers=None, window=None):
-        """tokens [B, L] (usually L = 1) at position_ids [3, B, L] -> (logits [B, L, V], cache).
-        window: read only part of the cache (decoder.ring_window)."""
+    def decode(self, tokens, position_ids, cache: KVCache, layers=None):
+        """tokens [B, L] (usually L = 1) at position_ids [3, B, L] -> (logits [B, L, V], cache)."""
         x = self.language_model.embed_tokens(tokens)
-        h, cache = self.language_model(x, position_ids, jnp.ones(tokens.shape, jnp.int32), cache, layers=layers,
-                                       window=window)
+        h, cache = self.language_model(x, position_ids, jnp.ones(tokens.shape, jnp.int32), cache, layers=layers)
         return self.logits(h), cache
 
     def logits(self, h):

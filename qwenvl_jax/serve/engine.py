@@ -14,11 +14,6 @@ are cleared. Attention sees a row's filled slots in any order (RoPE is already a
 keys), and a request never wraps onto itself because prompt + max_tokens <= max_seq_len.
 Per-row MRoPE positions, sampling values and keys live in the state, so rows never wait for
 each other: a finished, stopped or cancelled request frees its slot at the next step.
-
-Every live slot of every row lies in the last (longest row's filled slots + steps) ring slots, so
-a decode call reads only the smallest window of ring slots (64, 256, 1024, ...) that holds them:
-short requests in a long ring cost what their cache costs, not what the ring does (one compiled
-call per window, all compiled at warm-up).
 """
 
 from __future__ import annotations
@@ -35,9 +30,9 @@ import numpy as np
 from flax import nnx, struct
 
 from qwenvl_jax.batch import ModelInputs
-from qwenvl_jax.generation.decode import CompiledCache, ContextLengthError, cache_shardings, padded_length, put_prompt
+from qwenvl_jax.generation.decode import CompiledCache, ContextLengthError, cache_shardings, put_prompt
 from qwenvl_jax.generation.sampling import SamplingParams, sample
-from qwenvl_jax.model.decoder import KVCache, ring_window, unstack_layers
+from qwenvl_jax.model.decoder import KVCache, unstack_layers
 from qwenvl_jax.serve.plan import Admission, Plan, broadcast_plan
 from qwenvl_jax.sharding import Layout, active, to_host
 
@@ -121,22 +116,19 @@ def _insert(state: SlotState, prompt: KVCache, row, first, next_position, seen, 
                      repetition_penalty=state.repetition_penalty.at[row].set(repetition_penalty))
 
 
-def _step(graphdef, layout, n_steps, window, params, layer_states, state: SlotState):
-    """`n_steps` decode steps for every slot -> (state, tokens [B, n_steps]). window: attention
-    reads only the `window` ring slots before the call's last write (every live slot of every row
-    lies there; 0: all slots)."""
+def _step(graphdef, layout, n_steps, params, layer_states, state: SlotState):
+    """`n_steps` decode steps for every slot -> (state, tokens [B, n_steps])."""
     with active(layout):
         model = nnx.merge(graphdef, params)
         layers = unstack_layers(model.language_model.layers, layer_states)
         b = state.last_token.shape[0]
         slots = state.cache.segment_ids.shape[1]
-        ring = ring_window(state.cache.index + n_steps, slots, window) if window else None
 
         def body(i, carry):
             s, tokens = carry
             cache = s.cache.replace(index=s.cache.index % slots)
             pos = jnp.broadcast_to(s.next_position[None, :, None], (3, b, 1))
-            logits, cache = model.decode(s.last_token[:, None], pos, cache, layers=layers, window=ring)
+            logits, cache = model.decode(s.last_token[:, None], pos, cache, layers=layers)
             split = jax.vmap(jax.random.split)(s.keys)  # [B, 2]
             tok = sample(logits[:, -1], split[:, 1], s.seen, **_sampling_values(s))
             s = s.replace(cache=cache, last_token=tok, next_position=s.next_position + 1,
@@ -184,13 +176,9 @@ class Engine:
         self._layer_states = model.decoder_layer_states()
         self._prefill = CompiledCache(_prefill, static_argnums=(0, 1))
         self._insert = CompiledCache(_insert, donate_argnums=(0,))
-        self._step = CompiledCache(_step, static_argnums=(0, 1, 2, 3), donate_argnums=(6,))
+        self._step = CompiledCache(_step, static_argnums=(0, 1, 2), donate_argnums=(5,))
         self._state = self._fresh_state()
         self._slots: list[Request | None] = [None] * max_batch
-        # ring slots each row has filled (prompt columns + tokens): the decode call reads only the
-        # smallest window holding every busy row's (powers of 4 from 64, at most half the ring)
-        self._filled = [0] * max_batch
-        self.windows = [4 ** i for i in range(3, 16) if 2 * 4 ** i <= max_seq_len]
         self._queue: queue.Queue[Request] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -268,26 +256,12 @@ class Engine:
                 continue
             row = self._slots.index(None)
             self._slots[row] = request  # reserved; freed again if its prefill fails
-            self._filled[row] = padded_length(request.inputs.input_ids.shape[1], self.max_seq_len)
             seed = request.seed if request.seed is not None else int(np.random.default_rng().integers(2**32))
             admit.append(Admission(row, request.inputs, seed, request.sampling))
-        self._plan(Plan(admit=tuple(admit), decode=self.busy_slots > 0, window=self._window()))
-
-    def _window(self) -> int:
-        """The ring slots the next decode call must read (0: all of them)."""
-        live = max((f for f, r in zip(self._filled, self._slots) if r is not None), default=0)
-        return next((w for w in self.windows if w >= live + self.steps_per_call), 0)
-
-    def _plan(self, plan: Plan) -> None:
+        plan = Plan(admit=tuple(admit), decode=self.busy_slots > 0)
         if self._multi:
             broadcast_plan(plan)
         self._run_plan(plan)
-
-    def compile_windows(self) -> None:
-        """Compiles the decode call for every ring window (on an idle engine: the calls only
-        write into free rows)."""
-        for window in (*self.windows, 0):
-            self._plan(Plan(decode=True, window=window))
 
     def follow(self) -> None:
         """Every process but 0: runs process 0's plans, the same programs in the same order,
@@ -307,7 +281,7 @@ class Engine:
             if self._slots[a.row] is not None:  # followers hold no requests
                 self._deliver(a.row, [first])
         if plan.decode:
-            self._decode(plan.window)
+            self._decode()
 
     def _prefill_into(self, a: Admission) -> int:
         lay = self.model.layout
@@ -323,11 +297,11 @@ class Engine:
                                    *values, out_shardings=self._shardings)
         return int(to_host(first)[0])
 
-    def _decode(self, window: int) -> None:
+    def _decode(self) -> None:
         lay = self.model.layout
         try:
-            self._state, tokens = self._step(self.model.graphdef, lay, self.steps_per_call, window,
-                                             self.model.params, self._layer_states, self._state,
+            self._state, tokens = self._step(self.model.graphdef, lay, self.steps_per_call, self.model.params,
+                                             self._layer_states, self._state,
                                              out_shardings=(self._shardings, lay.replicated))
             tokens = to_host(tokens)
         except Exception as e:  # noqa: BLE001 - the shared step failed: every running request fails, state rebuilt
@@ -340,7 +314,6 @@ class Engine:
         self.steps += self.steps_per_call
         for row, request in enumerate(self._slots):
             if request is not None:
-                self._filled[row] += self.steps_per_call
                 self._deliver(row, tokens[row].tolist())
 
     def _deliver(self, row: int, tokens: list[int]) -> None:
@@ -364,14 +337,13 @@ class Engine:
 
 
 def warm_up(engine: Engine, inputs: ModelInputs, n_requests: int | None = None) -> float:
-    """Compiles prefill, insert and step by serving `inputs` greedily (a few tokens, several slots),
-    then the step of every ring window; returns the seconds it took."""
+    """Compiles prefill, insert and step by serving `inputs` greedily (a few tokens, several slots);
+    returns the seconds it took."""
     t = time.perf_counter()
     for _ in range(n_requests or min(2, engine.max_batch)):
         engine.submit(Request(inputs, max_tokens=min(engine.steps_per_call + 1,
                                                      engine.max_seq_len - int(inputs.segment_ids.sum()))))
     engine.run_until_idle()
-    engine.compile_windows()
     return time.perf_counter() - t
 
 

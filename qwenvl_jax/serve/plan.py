@@ -33,21 +33,20 @@ class Admission:
 class Plan:
     admit: tuple[Admission, ...] = ()
     decode: bool = False
-    window: int = 0  # ring slots the decode call reads (0: all; Engine._window)
     stop: bool = False  # the leader is shutting down: followers return
 
 
 def broadcast_plan(plan: Plan | None) -> Plan:
     """Process 0's `plan` on every process (others pass None). A fixed header first (stop, decode,
-    window, payload bytes), then the pickled admissions only when there are any, padded to a bucketed size
+    payload bytes), then the pickled admissions only when there are any, padded to a bucketed size
     so the broadcast compiles for a few sizes only."""
     import jax
     from jax.experimental import multihost_utils
 
     leader = jax.process_index() == 0
     payload = pickle.dumps(plan.admit) if leader and plan.admit else b""
-    header = np.array([plan.stop, plan.decode, plan.window, len(payload)] if leader else [0] * 4, np.int32)
-    stop, decode, window, n = (int(x) for x in multihost_utils.broadcast_one_to_all(header))
+    header = np.array([plan.stop, plan.decode, len(payload)] if leader else [0, 0, 0], np.int32)
+    stop, decode, n = (int(x) for x in multihost_utils.broadcast_one_to_all(header))
     admit: tuple[Admission, ...] = ()
     if n:
         buf = np.zeros(bucket(n, 4096), np.uint8)
@@ -55,4 +54,4 @@ def broadcast_plan(plan: Plan | None) -> Plan:
             buf[:n] = np.frombuffer(payload, np.uint8)
         buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
         admit = pickle.loads(buf[:n].tobytes())  # noqa: S301 - bytes from process 0 of this same job
-    return Plan(admit=admit, decode=bool(decode), window=window, stop=bool(stop))
+    return Plan(admit=admit, decode=bool(decode), stop=bool(stop))
