@@ -84,6 +84,10 @@ class Attention(nnx.Module):
         if cache is None:  # a whole (packed) sequence: the training / scoring path
             return self.o_proj(self._causal(q, k, v, segment_ids).reshape(b, length, -1)), None
         ck, cv, masks, index = cache
+        # The cache stays in its declared sharding inside the decode loop too: when the kv heads do
+        # not divide the tensor axis XLA otherwise splits it over kv heads in the loop and gathers
+        # the whole cache back at every call's exit (tests/test_aot.py).
+        ck, cv = constrain(ck, *K_CACHE_AXES), constrain(cv, *V_CACHE_AXES)
         # k, v rounded through the cache's dtype, as every later step reads them
         k, v = k.astype(ck.dtype).astype(q.dtype), v.astype(cv.dtype).astype(v.dtype)
         if prefill:
@@ -97,6 +101,7 @@ class Attention(nnx.Module):
             k, v = after(k, out), after(v, out)
         ck = jax.lax.dynamic_update_slice_in_dim(ck, k.transpose(0, 2, 3, 1).astype(ck.dtype), index, axis=3)
         cv = jax.lax.dynamic_update_slice_in_dim(cv, v.swapaxes(1, 2).astype(cv.dtype), index, axis=2)
+        ck, cv = constrain(ck, *K_CACHE_AXES), constrain(cv, *V_CACHE_AXES)
         return self.o_proj(out.reshape(b, length, -1)), (ck, cv)
 
     def _causal(self, q, k, v, segment_ids, inference: bool = False):
