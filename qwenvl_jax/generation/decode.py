@@ -192,13 +192,16 @@ def compile_stats() -> dict:
     return {"compiles": _PREFILL.compiles + _DECODE.compiles, "compile_s": _PREFILL.compile_s + _DECODE.compile_s}
 
 
-def put_prompt(layout: Layout, inputs: ModelInputs, pad_token_id: int, max_length: int | None = None) -> tuple:
+def put_prompt(layout: Layout, inputs: ModelInputs, pad_token_id: int, max_length: int | None = None,
+               columns: int | None = None) -> tuple:
     """Prefill's inputs placed in the layout: (input_ids, position_ids, segment_ids, vision,
     vision_token_index), left-padded to the length bucket (at most `max_length`; padding is segment 0
-    at position 0) and the vision rows to their buckets, so new prompt lengths and image sizes rarely
-    recompile."""
+    at position 0) or to `columns`, and the vision rows to their buckets, so new prompt lengths and
+    image sizes rarely recompile."""
     length = inputs.input_ids.shape[1]
-    pad = max(min(bucket(length), max_length or bucket(length)), length) - length
+    if columns is None:
+        columns = min(bucket(length), max_length or bucket(length))
+    pad = max(columns, length) - length
     ids = np.pad(inputs.input_ids, ((0, 0), (pad, 0)), constant_values=pad_token_id)
     seg = np.pad(inputs.segment_ids, ((0, 0), (pad, 0)))
     pos = np.pad(inputs.position_ids, ((0, 0), (0, 0), (pad, 0)))

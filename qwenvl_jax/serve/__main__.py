@@ -37,6 +37,9 @@ def parse_args(argv=None):
     ap.add_argument("--steps-per-call", type=int, default=1, help="decode steps per device call (new requests "
                                                                    "join between calls: more steps, less overhead "
                                                                    "but a longer wait for a new request)")
+    ap.add_argument("--warm-up-prompt-tokens", type=int, default=512, metavar="N",
+                    help="before serving, compile the prefill of text prompts up to N tokens (prompts are padded "
+                         "to powers of two; longer ones and new image sizes compile on first use)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
     ap.add_argument("--mesh", metavar="data=A,fsdp=B,tensor=C",
                     help="device mesh over all devices; one size may be -1 (default: one device; with several "
@@ -70,6 +73,8 @@ def build_server(args):
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
     if args.max_batch < 1 or args.steps_per_call < 1:
         raise ValueError("--max-batch and --steps-per-call must be >= 1")
+    if args.warm_up_prompt_tokens < 0:
+        raise ValueError(f"--warm-up-prompt-tokens must be >= 0, got {args.warm_up_prompt_tokens}")
     if not (is_finite_number(args.video_fps) and args.video_fps > 0):
         raise ValueError(f"--video-fps must be a positive number, got {args.video_fps}")
     media_dir = allowed_media_dir(args.allowed_media_dir)
@@ -94,7 +99,7 @@ def build_server(args):
     name = args.served_model_name or (args.checkpoint if args.checkpoint else "qwenvl_jax-demo")
     if distributed.is_main_process():  # the others compile the same programs by following its warm-up
         prompt = processor.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
-        warm_s = warm_up(engine, model.prepare(**processor(text=prompt)))
+        warm_s = warm_up(engine, model.prepare(**processor(text=prompt)), max_prompt=args.warm_up_prompt_tokens)
         print(f"compiled in {warm_s:.1f} s", file=sys.stderr, flush=True)
     return Server(model, processor, engine, name=name, defaults=defaults, allowed_media_dir=media_dir,
                   api_key=args.api_key, video_fps=args.video_fps)

@@ -216,6 +216,12 @@ class Engine:
             broadcast_plan(Plan(stop=True))
             self._followers_released = True
 
+    def prompt_columns(self, length: int) -> int:
+        """The columns a prompt of `length` tokens is prefilled in: the next power of two (at least
+        16), so that few prefill programs cover every length (warm_up compiles them), but never past
+        the ring (padding columns would wrap onto the prompt)."""
+        return max(min(max(16, 1 << (length - 1).bit_length()), self.max_seq_len), length)
+
     @property
     def busy_slots(self) -> int:
         return sum(r is not None for r in self._slots)
@@ -285,8 +291,7 @@ class Engine:
 
     def _prefill_into(self, a: Admission) -> int:
         lay = self.model.layout
-        # padded to its bucket, but never past the ring (padding columns would wrap onto the prompt)
-        prompt = put_prompt(lay, a.inputs, self.pad_token_id, max_length=self.max_seq_len)
+        prompt = put_prompt(lay, a.inputs, self.pad_token_id, columns=self.prompt_columns(a.inputs.input_ids.shape[1]))
         values = [lay.put(v) for v in a.sampling.as_arrays().values()]  # temperature, top_k, top_p, penalty
         out_shardings = (cache_shardings(lay, self.model.config.text, 1, prompt[0].shape[1]),
                          *(lay.replicated,) * 4)
@@ -336,14 +341,22 @@ class Engine:
         request.on_finish(reason)
 
 
-def warm_up(engine: Engine, inputs: ModelInputs, n_requests: int | None = None) -> float:
-    """Compiles prefill, insert and step by serving `inputs` greedily (a few tokens, several slots);
-    returns the seconds it took."""
+def warm_up(engine: Engine, inputs: ModelInputs, n_requests: int | None = None, max_prompt: int = 0) -> float:
+    """Compiles prefill, insert and step by serving `inputs` greedily (a few tokens, several slots),
+    then the prefill and insert of text prompts of every prompt_columns size up to `max_prompt`
+    tokens (`inputs`' tokens repeated); returns the seconds it took."""
     t = time.perf_counter()
     for _ in range(n_requests or min(2, engine.max_batch)):
         engine.submit(Request(inputs, max_tokens=min(engine.steps_per_call + 1,
                                                      engine.max_seq_len - int(inputs.segment_ids.sum()))))
     engine.run_until_idle()
+    ids = inputs.input_ids[0]
+    sizes = sorted({engine.prompt_columns(n) for n in range(1, min(max_prompt, engine.max_seq_len - 1) + 1)})
+    for columns in sizes:
+        if columns != engine.prompt_columns(ids.shape[0]):  # a prompt filling them, and one new token
+            prompt = engine.model.prepare(input_ids=np.resize(ids, min(columns, engine.max_seq_len - 1))[None])
+            engine.submit(Request(prompt, max_tokens=1))
+            engine.run_until_idle()
     return time.perf_counter() - t
 
 

@@ -8,7 +8,7 @@ from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.generation.decode import ContextLengthError, generate
 from qwenvl_jax.generation.sampling import SamplingParams
 from qwenvl_jax.pretrained import init_model
-from qwenvl_jax.serve.engine import Engine, Request
+from qwenvl_jax.serve.engine import Engine, Request, warm_up
 
 EOS, PAD = 7, 0
 
@@ -116,3 +116,17 @@ def test_a_prompt_whose_bucket_passes_the_ring_is_padded_only_to_the_ring(model)
     inputs = model.prepare(input_ids=_prompt(28, 4))  # its bucket is 32 slots, the ring 30
     (tokens, _), = _serve(engine, [(inputs, 2, SamplingParams(), None)])
     assert tokens == generate(model, inputs, max_new_tokens=2, eos_token_ids=[EOS], pad_token_id=PAD).token_ids[0]
+
+
+def test_warm_up_compiles_the_prefill_of_every_prompt_length_it_covers(model):
+    """Prompts are padded to powers of two (never past the ring); after warm_up(max_prompt=100)
+    requests of 1 to 100 tokens compile nothing, and padding changes no answer."""
+    engine = Engine(model, max_batch=2, max_seq_len=128, eos_token_ids=[EOS], pad_token_id=PAD)
+    assert sorted({engine.prompt_columns(n) for n in range(1, 128)}) == [16, 32, 64, 128]
+    warm_up(engine, model.prepare(input_ids=_prompt(5, 0)), max_prompt=100)
+    compiled = [c.compiles for c in (engine._prefill, engine._insert, engine._step)]
+    requests = [(model.prepare(input_ids=_prompt(n, n)), 3, SamplingParams(), None) for n in (1, 17, 40, 100)]
+    served = _serve(engine, requests)
+    assert [c.compiles for c in (engine._prefill, engine._insert, engine._step)] == compiled
+    for (inputs, m, _, _), (tokens, _) in zip(requests, served):
+        assert tokens == generate(model, inputs, max_new_tokens=m, eos_token_ids=[EOS], pad_token_id=PAD).token_ids[0]

@@ -69,6 +69,7 @@ def test_two_processes_serve_as_one(chat_checkpoint, tmp_path):
     for i in range(2):
         cmd = [sys.executable, "-m", "qwenvl_jax.serve", "--checkpoint", str(path), "--port", str(http),
                "--max-batch", "2", "--max-seq-len", "256", "--dtype", "float32", "--served-model-name", "tiny",
+               "--warm-up-prompt-tokens", "32",
                "--coordinator", f"127.0.0.1:{coordinator}", "--num-processes", "2", "--process-id", str(i)]
         with open(logs[i], "w") as err:
             procs.append(subprocess.Popen(cmd, stderr=err, stdout=subprocess.DEVNULL, env=env))

@@ -52,7 +52,8 @@ def server(chat_checkpoint, media, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "stderr.log"
     cmd = [sys.executable, "-m", "qwenvl_jax.serve", "--checkpoint", str(chat_checkpoint[0]), "--port", str(port),
            "--max-batch", "4", "--max-seq-len", str(MAX_SEQ_LEN), "--dtype", "float32", "--api-key", KEY,
-           "--allowed-media-dir", str(media), "--served-model-name", "tiny", "--steps-per-call", "2"]
+           "--allowed-media-dir", str(media), "--served-model-name", "tiny", "--steps-per-call", "2",
+           "--warm-up-prompt-tokens", "64"]
     env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, as a user's machine
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stderr=err, stdout=subprocess.DEVNULL, env=env)
