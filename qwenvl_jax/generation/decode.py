@@ -130,6 +130,18 @@ def _layers(model, layer_states):
     return unstack_layers(model.language_model.layers, layer_states)
 
 
+def prompt_seen(input_ids, segment_ids, vocab: int):
+    """[B, V] bool: the tokens each row's prompt holds (padding excluded), for the repetition penalty."""
+    b = input_ids.shape[0]
+    return jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], input_ids].max(segment_ids > 0)
+
+
+def next_positions(position_ids, segment_ids):
+    """[B] int32: the MRoPE position of each row's first new token, one past the largest position of
+    its prompt (padding holds position 0 and does not count)."""
+    return (jnp.max(jnp.where(segment_ids > 0, position_ids.max(0), -1), axis=1) + 1).astype(jnp.int32)
+
+
 def _prefill(graphdef, layout, slots, max_new, params, layer_states, input_ids, position_ids, segment_ids, vision,
              token_index, seed, sampling, eos, pad_id):
     with active(layout):
@@ -139,15 +151,13 @@ def _prefill(graphdef, layout, slots, max_new, params, layer_states, input_ids, 
         cache = KVCache.empty(model.config.text, b, slots, dtype)
         logits, cache = model.prefill(input_ids, position_ids, segment_ids, vision, token_index, cache,
                                       layers=_layers(model, layer_states))
-        vocab = logits.shape[-1]
-        seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], input_ids].max(segment_ids > 0)
+        seen = prompt_seen(input_ids, segment_ids, logits.shape[-1])
         key, sub = jax.random.split(jax.random.key(seed))
         first = sample(logits, sub, seen, **sampling)
         done = jnp.isin(first, eos)
-        # Next position: one past the largest prompt position of each row (padding holds 0).
-        next_pos = jnp.max(jnp.where(segment_ids > 0, position_ids.max(0), -1), axis=1) + 1
+        next_pos = next_positions(position_ids, segment_ids)
         tokens = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(first)
-        return DecodeState(cache=cache, last_token=first, next_position=next_pos.astype(jnp.int32), done=done,
+        return DecodeState(cache=cache, last_token=first, next_position=next_pos, done=done,
                            tokens=tokens, step=jnp.ones((), jnp.int32),
                            seen=seen.at[jnp.arange(b), first].set(True), key=key)
 
@@ -192,16 +202,13 @@ def compile_stats() -> dict:
     return {"compiles": _PREFILL.compiles + _DECODE.compiles, "compile_s": _PREFILL.compile_s + _DECODE.compile_s}
 
 
-def put_prompt(layout: Layout, inputs: ModelInputs, pad_token_id: int, max_length: int | None = None,
-               columns: int | None = None) -> tuple:
+def put_prompt(layout: Layout, inputs: ModelInputs, pad_token_id: int, columns: int | None = None) -> tuple:
     """Prefill's inputs placed in the layout: (input_ids, position_ids, segment_ids, vision,
-    vision_token_index), left-padded to the length bucket (at most `max_length`; padding is segment 0
-    at position 0) or to `columns`, and the vision rows to their buckets, so new prompt lengths and
-    image sizes rarely recompile."""
+    vision_token_index), left-padded to `columns` (default: the length bucket; padding is segment 0
+    at position 0), and the vision rows to their buckets, so new prompt lengths and image sizes
+    rarely recompile."""
     length = inputs.input_ids.shape[1]
-    if columns is None:
-        columns = min(bucket(length), max_length or bucket(length))
-    pad = max(columns, length) - length
+    pad = max(columns or bucket(length), length) - length
     ids = np.pad(inputs.input_ids, ((0, 0), (pad, 0)), constant_values=pad_token_id)
     seg = np.pad(inputs.segment_ids, ((0, 0), (pad, 0)))
     pos = np.pad(inputs.position_ids, ((0, 0), (0, 0), (pad, 0)))

@@ -30,7 +30,14 @@ import numpy as np
 from flax import nnx, struct
 
 from qwenvl_jax.batch import ModelInputs
-from qwenvl_jax.generation.decode import CompiledCache, ContextLengthError, cache_shardings, put_prompt
+from qwenvl_jax.generation.decode import (
+    CompiledCache,
+    ContextLengthError,
+    cache_shardings,
+    next_positions,
+    prompt_seen,
+    put_prompt,
+)
 from qwenvl_jax.generation.sampling import SamplingParams, sample
 from qwenvl_jax.model.decoder import KVCache, unstack_layers
 from qwenvl_jax.serve.plan import Admission, Plan, broadcast_plan
@@ -88,12 +95,11 @@ def _prefill(graphdef, layout, params, layer_states, input_ids, position_ids, se
         cache = KVCache.empty(model.config.text, 1, length, dtype)
         logits, cache = model.prefill(input_ids, position_ids, segment_ids, vision, token_index, cache,
                                       layers=unstack_layers(model.language_model.layers, layer_states))
-        seen = jnp.zeros((1, logits.shape[-1]), bool).at[0, input_ids[0]].max(segment_ids[0] > 0)
+        seen = prompt_seen(input_ids, segment_ids, logits.shape[-1])
         key, sub = jax.random.split(jax.random.key(seed))
         first = sample(logits, sub[None], seen, temperature=temperature[None], top_k=top_k[None],
                        top_p=top_p[None], repetition_penalty=repetition_penalty[None])
-        next_pos = jnp.max(jnp.where(segment_ids > 0, position_ids.max(0), -1), axis=1) + 1
-        return cache, first, next_pos.astype(jnp.int32), seen.at[0, first[0]].set(True), key
+        return cache, first, next_positions(position_ids, segment_ids), seen.at[0, first[0]].set(True), key
 
 
 def _insert(state: SlotState, prompt: KVCache, row, first, next_position, seen, key, temperature, top_k, top_p,
