@@ -6,6 +6,7 @@ Set QWENVL_DEBUG=1 to get the traceback instead.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -17,6 +18,23 @@ def user_error(e: BaseException) -> int:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else e
     print(f"error: {msg}", file=sys.stderr)
     return 1
+
+
+def imports_done() -> None:
+    """After a one-shot CLI's imports (run with the collector off, `gc.disable()` under
+    `__name__ == "__main__"`): their objects live as long as the process, so they are frozen out of
+    every later collection and the collector is switched back on. Importing jax and flax with
+    collections running cost ~0.1 s of a 2 s warm run. No-op when the collector is on."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
+
+
+def skip_final_collection() -> None:
+    """For a one-shot command about to exit: what is alive now is freed with the process, so the
+    interpreter's last garbage collection over jax's and flax's object graph (~0.2 s of a 2 s warm
+    run) is skipped."""
+    gc.freeze()
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):

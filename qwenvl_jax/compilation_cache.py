@@ -8,8 +8,9 @@ compiling them (on a small model that is most of a cold run's time). Where the c
   3. else `$XDG_CACHE_HOME/qwenvl_jax/jax` (default `~/.cache/qwenvl_jax/jax`).
 
 Every program is cached, however fast it compiled (JAX's default skips those under a second,
-which on a small model is all of them). A cache that cannot be created is a warning, not an
-error: the run compiles as it would without one.
+which on a small model is all of them). Generation's and the server's executables are also kept
+whole in DIR/executables (compiled.py), so a warm start neither traces nor lowers them. A cache
+that cannot be created is a warning, not an error: the run compiles as it would without one.
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ def enable(setting: str | None = None) -> Path | None:
     Returns the directory, or None when the cache is off or cannot be created."""
     import jax
 
+    from qwenvl_jax import compiled
+
     path = resolve(setting)
+    compiled.set_directory(None)
     if path is None:
         jax.config.update("jax_enable_compilation_cache", False)
         return None
@@ -56,6 +60,7 @@ def enable(setting: str | None = None) -> Path | None:
         path.mkdir(parents=True, exist_ok=True)
         if not os.access(path, os.W_OK):
             raise PermissionError(f"{path} is not writable")
+        compiled.set_directory(path / "executables")
     except OSError as e:
         print(f"warning: compilation cache disabled ({e}); set --compilation-cache or ${ENV}", file=sys.stderr)
         jax.config.update("jax_enable_compilation_cache", False)

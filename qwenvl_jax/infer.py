@@ -20,6 +20,11 @@ processes, with --distributed or --coordinator...); only process 0 prints.
 
 from __future__ import annotations
 
+import gc
+
+if __name__ == "__main__":  # a one-shot run: no cycle collection over the imports' objects (imports_done)
+    gc.disable()
+
 import argparse
 import json
 import math
@@ -31,7 +36,7 @@ from pathlib import Path
 import jax
 
 from qwenvl_jax import compilation_cache, distributed
-from qwenvl_jax.cli import DefaultsHelpFormatter, user_error
+from qwenvl_jax.cli import DefaultsHelpFormatter, imports_done, skip_final_collection, user_error
 from qwenvl_jax.config import is_finite_number
 from qwenvl_jax.demo import DEMO_MODEL, SAMPLE_IMAGE, SAMPLE_PROMPT
 from qwenvl_jax.generation.sampling import SamplingParams
@@ -192,6 +197,7 @@ def run(args) -> dict:
     from qwenvl_jax.sharding import Layout
     from qwenvl_jax.weights import hub
 
+    imports_done()
     checkpoint = hub.resolve(args.checkpoint, args.revision)  # a hub id -> its local snapshot
     if checkpoint == DEMO_MODEL and not (checkpoint / "config.json").is_file():
         raise ValueError(f"the bundled demo model is missing ({checkpoint}); pass --checkpoint DIR")
@@ -273,6 +279,7 @@ def main(argv=None) -> int:
         return user_error(e)
     if args.json:
         say(json.dumps(result))
+    skip_final_collection()
     return 0
 
 

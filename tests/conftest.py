@@ -53,3 +53,14 @@ def chat_checkpoint(tmp_path_factory):
     model = build_hf_model("untied_w112", tokens=tokens)
     model.save_pretrained(path)
     return path, model, ids
+
+
+@pytest.fixture(autouse=True)
+def _executables_in_memory_only():
+    """An in-process CLI run turns the on-disk executable cache on (compiled.py); a later test in
+    the same process must not load programs that test compiled (one that patches a function inside
+    a program would not see its patch)."""
+    yield
+    from qwenvl_jax import compiled
+
+    compiled.set_directory(None)

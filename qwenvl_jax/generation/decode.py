@@ -32,6 +32,7 @@ from flax import nnx, struct
 
 from qwenvl_jax.batch import ModelInputs
 from qwenvl_jax.buckets import bucket
+from qwenvl_jax.compiled import CompiledCache
 from qwenvl_jax.generation.sampling import SamplingParams, sample
 from qwenvl_jax.model.decoder import K_CACHE_AXES, V_CACHE_AXES, KVCache, unstack_layers
 from qwenvl_jax.model.vision_layout import bucket_rows
@@ -75,35 +76,6 @@ def check_context(prompt_tokens: int, max_new_tokens: int, context: int) -> None
     if prompt_tokens + max_new_tokens > context:
         raise ContextLengthError(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                                  f"the context length ({context})")
-
-
-class CompiledCache:
-    """jit with explicit in/out shardings + ahead-of-time compile per input signature; counts
-    compilations and their time. In-shardings are those of the (committed) input arrays."""
-
-    def __init__(self, fn, static_argnums=(), donate_argnums=()):
-        self._fn = fn
-        self._static = tuple(sorted(static_argnums))
-        self._donate = tuple(donate_argnums)
-        self._compiled = {}
-        self.compiles = 0
-        self.compile_s = 0.0
-
-    def __call__(self, *args, out_shardings):
-        dynamic = tuple(a for i, a in enumerate(args) if i not in self._static)
-        in_shardings = jax.tree.map(lambda x: x.sharding, dynamic)
-        leaves, tree = jax.tree.flatten(dynamic)
-        out_leaves, out_tree = jax.tree.flatten(out_shardings)
-        key = (tuple(args[i] for i in self._static), tree, out_tree, tuple(out_leaves),
-               tuple((x.shape, x.dtype, x.sharding) for x in leaves))
-        if key not in self._compiled:
-            t = time.perf_counter()
-            jitted = jax.jit(self._fn, static_argnums=self._static, donate_argnums=self._donate,
-                             in_shardings=in_shardings, out_shardings=out_shardings)
-            self._compiled[key] = jitted.lower(*args).compile()
-            self.compile_s += time.perf_counter() - t
-            self.compiles += 1
-        return self._compiled[key](*dynamic)
 
 
 def cache_shardings(layout: Layout, cfg, batch: int, slots: int) -> KVCache:
@@ -195,11 +167,13 @@ _DECODE = CompiledCache(_decode, static_argnums=(0, 1), donate_argnums=(4,))
 
 def compiled_programs() -> dict[str, list]:
     """The compiled prefill and decode executables so far (tests inspect their buffers)."""
-    return {"prefill": list(_PREFILL._compiled.values()), "decode": list(_DECODE._compiled.values())}
+    return {"prefill": _PREFILL.executables(), "decode": _DECODE.executables()}
 
 
 def compile_stats() -> dict:
-    return {"compiles": _PREFILL.compiles + _DECODE.compiles, "compile_s": _PREFILL.compile_s + _DECODE.compile_s}
+    """Programs compiled and loaded from disk (compiled.py) so far, and the seconds both took."""
+    return {"compiles": _PREFILL.compiles + _DECODE.compiles, "loads": _PREFILL.loads + _DECODE.loads,
+            "compile_s": _PREFILL.compile_s + _DECODE.compile_s}
 
 
 def put_prompt(layout: Layout, inputs: ModelInputs, pad_token_id: int, columns: int | None = None) -> tuple:

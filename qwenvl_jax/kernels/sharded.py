@@ -20,8 +20,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from qwenvl_jax.kernels import window_attention
-from qwenvl_jax.kernels.causal_attention import causal_attention
 from qwenvl_jax.sharding import Layout, active_layout, spec_axes
 
 
@@ -61,6 +59,8 @@ def sharded_causal_attention(q, k, v, segment_ids):
     (lcm(K, n) / K times, consecutively) that every shard's query heads find their kv heads in
     its own block; grouped-query order is kept (query head h still reads original kv head h // G).
     """
+    from qwenvl_jax.kernels.causal_attention import causal_attention  # Pallas: imported when used
+
     layout = active_layout()
     interpret = interpret_kernels()
     if not _partitioned(layout):
@@ -101,6 +101,8 @@ def vision_segment_ranges(segment_ids, block: int):
     """The kernel's key-block ranges of [R, S] row segments, per shard of rows: computed once and
     shared by every ViT layer that attends over the same segments. Returns (start, count), each
     [shards * blocks per shard], split over the rows' mesh axes."""
+    from qwenvl_jax.kernels import window_attention
+
     layout = active_layout()
 
     def local(seg):
@@ -118,6 +120,8 @@ def vision_segment_attention(q, k, v, segment_ids, *, max_segment_len: int, bloc
     [R, S] (0 = padding), ranges from `vision_segment_ranges` (or None). Each shard folds its rows
     into one sequence (segments never cross rows), heads split over their mesh axes.
     Returns [R, S, H, D]; padding slots are zeros."""
+    from qwenvl_jax.kernels import window_attention
+
     layout = active_layout()
     interpret = interpret_kernels()
 

@@ -30,8 +30,8 @@ import numpy as np
 from flax import nnx, struct
 
 from qwenvl_jax.batch import ModelInputs
+from qwenvl_jax.compiled import CompiledCache
 from qwenvl_jax.generation.decode import (
-    CompiledCache,
     ContextLengthError,
     cache_shardings,
     next_positions,

@@ -1,0 +1,175 @@
+"""Ahead-of-time compiled programs, cached per input signature in memory and (optionally) on disk.
+
+JAX's persistent compilation cache skips XLA's compile on a second run but not the tracing and
+lowering that compute its key; on a small model those take most of a warm start (~1 s of ~3 s for
+the demo). So `CompiledCache` also keeps the compiled executables themselves on disk, keyed by
+everything that decides the program without tracing it:
+
+  * the package's own source files, and the jax, jaxlib and flax versions;
+  * the backend, its devices (ids and kinds), the process index and count, XLA_FLAGS and
+    LIBTPU_INIT_ARGS, and the jax settings that change a trace (x64, matmul precision, PRNG);
+  * the function, its static arguments (the model's graph definition, layout, sizes), and every
+    dynamic argument's tree, shape, dtype and sharding, and the output shardings.
+
+The directory is `executables/` beside JAX's cache (compilation_cache.enable); `off` turns both
+off. A file that cannot be read is compiled again and overwritten, with a warning. A program
+patched at run time (a monkeypatched function inside it) is not seen by the key: turn the cache
+off for that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+_SUFFIX = ".jaxexe"
+_directory: Path | None = None
+_environment: str | None = None
+
+
+def set_directory(path: Path | None) -> None:
+    """Where compiled executables are kept across runs (None: memory only)."""
+    global _directory
+    _directory = None if path is None else Path(path)
+    if _directory is not None:
+        _directory.mkdir(parents=True, exist_ok=True)
+
+
+def directory() -> Path | None:
+    return _directory
+
+
+def _package_sources() -> str:
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def environment() -> str:
+    """What, besides a call's own arguments, decides its compiled program (hashed once per process)."""
+    global _environment
+    if _environment is None:
+        import flax
+        import jaxlib
+
+        devices = jax.devices()
+        parts = [_package_sources(), jax.__version__, jaxlib.__version__, flax.__version__,
+                 devices[0].platform, [(d.id, d.device_kind) for d in devices], jax.process_index(),
+                 jax.process_count(), os.environ.get("XLA_FLAGS", ""), os.environ.get("LIBTPU_INIT_ARGS", ""),
+                 jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision,
+                 jax.config.jax_default_prng_impl, jax.config.jax_threefry_partitionable]
+        _environment = hashlib.sha256(repr(parts).encode()).hexdigest()
+    return _environment
+
+
+def _sharding_key(s) -> tuple:
+    mesh = getattr(s, "mesh", None)
+    if mesh is not None:
+        return ("named", mesh.axis_names, tuple(mesh.shape.values()), tuple(int(d.id) for d in mesh.devices.flat),
+                str(s.spec), s.memory_kind)
+    return (type(s).__name__, tuple(sorted(d.id for d in s.device_set)), repr(s))
+
+
+class CompiledCache:
+    """jit with explicit in/out shardings + ahead-of-time compile per input signature; counts
+    compilations and their time (`compile_s` includes loading from disk). In-shardings are those
+    of the (committed) input arrays."""
+
+    def __init__(self, fn, static_argnums=(), donate_argnums=()):
+        self._fn = fn
+        self._static = tuple(sorted(static_argnums))
+        self._donate = tuple(donate_argnums)
+        self._compiled = {}
+        self.compiles = 0  # compiled here (not loaded)
+        self.loads = 0  # loaded from disk
+        self.compile_s = 0.0
+
+    def __call__(self, *args, out_shardings):
+        dynamic = tuple(a for i, a in enumerate(args) if i not in self._static)
+        leaves, tree = jax.tree.flatten(dynamic)
+        out_leaves, out_tree = jax.tree.flatten(out_shardings)
+        key = (tuple(args[i] for i in self._static), tree, out_tree, tuple(out_leaves),
+               tuple((x.shape, x.dtype, x.sharding) for x in leaves))
+        if key not in self._compiled:
+            t = time.perf_counter()
+            path = self._path(args, tree, leaves, out_tree, out_leaves)
+            devices = _program_devices(leaves)
+            compiled = _load(path, devices) if path is not None else None
+            if compiled is None:
+                jitted = jax.jit(self._fn, static_argnums=self._static, donate_argnums=self._donate,
+                                 in_shardings=jax.tree.map(lambda x: x.sharding, dynamic),
+                                 out_shardings=out_shardings)
+                compiled = jitted.lower(*args).compile()
+                self.compiles += 1
+                if path is not None:
+                    _save(compiled, path)
+            else:
+                self.loads += 1
+            self._compiled[key] = compiled
+            self.compile_s += time.perf_counter() - t
+        return self._compiled[key](*dynamic)
+
+    def executables(self) -> list:
+        return list(self._compiled.values())
+
+    def _path(self, args, tree, leaves, out_tree, out_leaves) -> Path | None:
+        if _directory is None:
+            return None
+        signature = [environment(), self._fn.__module__, self._fn.__qualname__, self._donate,
+                     [repr(args[i]) for i in self._static], repr(tree), repr(out_tree),
+                     [(x.shape, str(x.dtype), _sharding_key(x.sharding)) for x in leaves],
+                     [_sharding_key(s) for s in out_leaves]]
+        return _directory / (hashlib.sha256(repr(signature).encode()).hexdigest() + _SUFFIX)
+
+
+def _program_devices(leaves) -> list:
+    """The devices a program over these (committed) arguments runs on, in its device order: the
+    mesh's order, or the one device of a single-device program."""
+    mesh = getattr(leaves[0].sharding, "mesh", None) if leaves else None
+    if mesh is not None:
+        return list(mesh.devices.flat)
+    return sorted(leaves[0].sharding.device_set, key=lambda d: d.id) if leaves else [jax.devices()[0]]
+
+
+def _load(path: Path, devices: list):
+    """The executable stored at `path` for `devices`, or None (absent, or unreadable: warned, and
+    compiled again)."""
+    from jax.experimental.serialize_executable import deserialize_and_load
+
+    if not path.is_file():
+        return None
+    try:
+        serialized, in_tree, out_tree = pickle.loads(path.read_bytes())
+        return deserialize_and_load(serialized, in_tree, out_tree, backend=devices[0].client,
+                                    execution_devices=devices)
+    except Exception as e:  # noqa: BLE001 - any unreadable entry means: compile again
+        print(f"warning: cached executable {path} could not be loaded ({type(e).__name__}: {e}); compiling "
+              "again", file=sys.stderr)
+        return None
+
+
+def _save(compiled, path: Path) -> None:
+    """Stores `compiled` at `path` (written whole, then renamed: a reader never sees half a file).
+    Programs that cannot be serialized are simply not stored."""
+    from jax.experimental.serialize_executable import serialize
+
+    try:
+        data = pickle.dumps(serialize(compiled))
+    except Exception:  # noqa: BLE001 - e.g. a backend without executable serialization
+        return
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        print(f"warning: could not store a compiled executable in {path.parent} ({e})", file=sys.stderr)
