@@ -270,8 +270,11 @@ def _generation_args(config, layout, batch, prompt_len, image_tokens):
 
 def compile_generation(config: Qwen25VLConfig, layout: Layout, *, batch: int, prompt_len: int, max_new_tokens: int,
                        image_tokens: int = 0, dtype=jnp.bfloat16) -> tuple[Compiled, Compiled]:
-    """`generate`'s two programs: the prefill of `prompt_len`-token prompts (vision tower inside)
-    into a KV cache of prompt + max_new_tokens slots, and the on-device decode loop."""
+    """`generate`'s two programs as it compiles them: the on-device decode loop first, with the
+    layouts of the params and the state left to XLA, then the prefill of `prompt_len`-token prompts
+    (vision tower inside) reading the params in the layouts the loop chose and writing the KV
+    cache of prompt + max_new_tokens slots in the layouts the loop reads."""
+    from qwenvl_jax.compiled import placement
     from qwenvl_jax.generation import decode as gen
 
     graphdef, params = abstract_params(config, layout, dtype, dtype)
@@ -280,13 +283,20 @@ def compile_generation(config: Qwen25VLConfig, layout: Layout, *, batch: int, pr
     slots = bucket(prompt_len + max_new_tokens)
     shardings = gen._state_shardings(layout, config.text, batch, slots, max_new_tokens)
     static = (graphdef, layout, slots, max_new_tokens)
-    dynamic = (params, None, ids, pos, ids, vision, index, seed, sampling, eos, pad)  # None: layers sliced inside
-    in_shardings = jax.tree.map(lambda x: x.sharding, dynamic)
-    prefill = jax.jit(gen._prefill, static_argnums=(0, 1, 2, 3), in_shardings=in_shardings, out_shardings=shardings)
-    compiled_prefill = _compile("prefill", prefill, *static, *dynamic)
-    state = _placed(jax.eval_shape(lambda *d: gen._prefill(*static, *d), *dynamic), shardings)
+    prefill_args = (params, None, ids, pos, ids, vision, index, seed, sampling, eos, pad)  # None: layers sliced inside
+    state = _placed(jax.eval_shape(lambda *d: gen._prefill(*static, *d), *prefill_args), shardings)
     n = _abstract((), jnp.int32, layout.replicated)
     dynamic = (params, None, state, n, sampling, eos, pad)
-    decode = jax.jit(gen._decode, static_argnums=(0, 1), donate_argnums=(4,),
-                     in_shardings=jax.tree.map(lambda x: x.sharding, dynamic), out_shardings=shardings)
-    return compiled_prefill, _compile("decode", decode, graphdef, layout, *dynamic)
+    auto = gen.auto_formats
+    in_shardings = (auto(jax.tree.map(lambda x: x.sharding, params)), None,
+                    auto(shardings), *(jax.tree.map(lambda x: x.sharding, a) for a in dynamic[3:]))
+    decode = jax.jit(gen._decode, static_argnums=(0, 1), donate_argnums=(4,), in_shardings=in_shardings,
+                     out_shardings=auto(shardings))
+    compiled_decode = _compile("decode", decode, graphdef, layout, *dynamic)
+    params_formats, _, state_formats = compiled_decode.compiled.input_formats[0][:3]
+    params = jax.tree.map(lambda x, f: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=f), params, params_formats)
+    prefill_args = (params, *prefill_args[1:])
+    prefill = jax.jit(gen._prefill, static_argnums=(0, 1, 2, 3),
+                      in_shardings=(params_formats, *(jax.tree.map(lambda x: x.sharding, a) for a in prefill_args[1:])),
+                      out_shardings=placement(state_formats, state))
+    return _compile("prefill", prefill, *static, *prefill_args), compiled_decode

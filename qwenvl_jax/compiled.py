@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import jax
+from jax.experimental.layout import Format, Layout
 
 _SUFFIX = ".jaxexe"
 _directory: Path | None = None
@@ -81,34 +82,51 @@ def _sharding_key(s) -> tuple:
 
 class CompiledCache:
     """jit with explicit in/out shardings + ahead-of-time compile per input signature; counts
-    compilations and their time (`compile_s` includes loading from disk). In-shardings are those
-    of the (committed) input arrays."""
+    compilations and their time (`compile_s` includes loading from disk).
 
-    def __init__(self, fn, static_argnums=(), donate_argnums=()):
+    An argument's sharding and layout are those of the (committed) array passed, except for the
+    positional arguments in `auto_layouts`, whose layouts the compiler chooses (`Layout.AUTO`) and
+    which are keyed by sharding alone: the program's `input_formats` say where to place them,
+    once, so that no call relays them out (a TPU decode step wants its weights and cache in
+    layouts of its own; an argument that lies elsewhere is relaid by JAX at each call). Arguments
+    may be ShapeDtypeStructs with a sharding, to compile ahead of having them."""
+
+    def __init__(self, fn, static_argnums=(), donate_argnums=(), auto_layouts=()):
         self._fn = fn
         self._static = tuple(sorted(static_argnums))
         self._donate = tuple(donate_argnums)
+        self._auto = tuple(sorted(auto_layouts))
         self._compiled = {}
+        self._formats = {}  # id(program) -> its input formats
         self.compiles = 0  # compiled here (not loaded)
         self.loads = 0  # loaded from disk
         self.compile_s = 0.0
 
     def __call__(self, *args, out_shardings):
+        compiled = self.program(*args, out_shardings=out_shardings)
+        return compiled(*(a for i, a in enumerate(args) if i not in self._static))
+
+    def program(self, *args, out_shardings):
+        """The compiled program for these arguments (compiled, or loaded, on first use)."""
         dynamic = tuple(a for i, a in enumerate(args) if i not in self._static)
         leaves, tree = jax.tree.flatten(dynamic)
         out_leaves, out_tree = jax.tree.flatten(out_shardings)
+        # where each leaf lies: its format, or for an argument whose layout the program picks, its sharding
+        where = [x.sharding if i in self._auto else _format(x) for i, a in enumerate(args) if i not in self._static
+                 for x in jax.tree.leaves(a)]
         key = (tuple(args[i] for i in self._static), tree, out_tree, tuple(out_leaves),
-               tuple((x.shape, x.dtype, x.sharding) for x in leaves))
+               tuple((x.shape, x.dtype, f) for x, f in zip(leaves, where, strict=True)))
         if key not in self._compiled:
             t = time.perf_counter()
-            path = self._path(args, tree, leaves, out_tree, out_leaves)
-            devices = _program_devices(leaves)
-            compiled = _load(path, devices) if path is not None else None
+            path = self._path(args, tree, leaves, where, out_tree, out_leaves)
+            compiled = _load(path, _program_devices(leaves)) if path is not None else None
             if compiled is None:
+                in_shardings = tuple(jax.tree.map(_auto_format if i in self._auto else _format, a)
+                                     for i, a in enumerate(args) if i not in self._static)
                 jitted = jax.jit(self._fn, static_argnums=self._static, donate_argnums=self._donate,
-                                 in_shardings=jax.tree.map(lambda x: x.sharding, dynamic),
-                                 out_shardings=out_shardings)
-                compiled = jitted.lower(*args).compile()
+                                 in_shardings=in_shardings, out_shardings=out_shardings)
+                compiled = jitted.lower(*(jax.tree.map(_abstract, a) if i in self._auto else a
+                                          for i, a in enumerate(args))).compile()
                 self.compiles += 1
                 if path is not None:
                     _save(compiled, path)
@@ -116,19 +134,58 @@ class CompiledCache:
                 self.loads += 1
             self._compiled[key] = compiled
             self.compile_s += time.perf_counter() - t
-        return self._compiled[key](*dynamic)
+        return self._compiled[key]
+
+    def input_formats(self, *args, out_shardings) -> tuple:
+        """Where the program for these arguments wants each dynamic argument: a tuple of Format
+        trees (read once per program: JAX builds them anew on every access)."""
+        compiled = self.program(*args, out_shardings=out_shardings)
+        if id(compiled) not in self._formats:
+            self._formats[id(compiled)] = compiled.input_formats[0]
+        return self._formats[id(compiled)]
 
     def executables(self) -> list:
         return list(self._compiled.values())
 
-    def _path(self, args, tree, leaves, out_tree, out_leaves) -> Path | None:
+    def _path(self, args, tree, leaves, where, out_tree, out_leaves) -> Path | None:
         if _directory is None:
             return None
-        signature = [environment(), self._fn.__module__, self._fn.__qualname__, self._donate,
+        signature = [environment(), self._fn.__module__, self._fn.__qualname__, self._donate, self._auto,
                      [repr(args[i]) for i in self._static], repr(tree), repr(out_tree),
-                     [(x.shape, str(x.dtype), _sharding_key(x.sharding)) for x in leaves],
-                     [_sharding_key(s) for s in out_leaves]]
+                     [(x.shape, str(x.dtype), _format_key(f)) for x, f in zip(leaves, where, strict=True)],
+                     [_format_key(s) for s in out_leaves]]
         return _directory / (hashlib.sha256(repr(signature).encode()).hexdigest() + _SUFFIX)
+
+
+def _format(x) -> Format:
+    """Where an argument lies: its layout (None: the default, for an abstract value) and sharding."""
+    f = getattr(x, "format", None)
+    return f if isinstance(f, Format) else Format(None, x.sharding)
+
+
+def placement(formats, like):
+    """A program's input formats (`compiled.input_formats` of arguments like `like`) as out_shardings
+    for the program that makes those arguments. PRNG keys keep only their sharding: their layout
+    describes the underlying uint32 words and cannot be requested for the key array."""
+    def one(f, x):
+        return f.sharding if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended) else f
+
+    return jax.tree.map(one, formats, like, is_leaf=lambda f: isinstance(f, Format))
+
+
+def _abstract(x) -> jax.ShapeDtypeStruct:
+    """An argument whose layout the program chooses is lowered as a shape (an array has one)."""
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+
+def _auto_format(x) -> Format:
+    return Format(Layout.AUTO, x.sharding)
+
+
+def _format_key(f) -> tuple:
+    if isinstance(f, Format):
+        return (str(f.layout), _sharding_key(f.sharding))
+    return (None, _sharding_key(f))
 
 
 def _program_devices(leaves) -> list:

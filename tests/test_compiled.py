@@ -103,3 +103,34 @@ def test_a_program_on_a_mesh_loads_onto_the_same_devices_in_order(disk):
     assert (fresh.compiles, fresh.loads) == (0, 1)
     assert out["total"].sharding.mesh.devices.tolist() == [devices[3], devices[1]]
     np.testing.assert_array_equal(np.asarray(out["total"]), expected["total"])
+
+
+def test_auto_layout_arguments_are_keyed_by_sharding_and_placed_once():
+    """Arguments whose layouts the program chooses: compiled from their shapes (ShapeDtypeStructs
+    before they exist), placed in the chosen formats, then called with no second compile."""
+    from jax.experimental.layout import Format, Layout
+
+    cache = CompiledCache(_step, static_argnums=(0,), donate_argnums=(1,), auto_layouts=(1, 2))
+    state, x = _args()
+    spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), (state, x))
+    out = jax.tree.map(lambda a: Format(Layout.AUTO, a.sharding), state)
+    program = cache.program(2.0, *spec, out_shardings=out)
+    state_formats, x_format = program.input_formats[0]
+    placed = jax.device_put(state, state_formats), jax.device_put(x, x_format)
+    got = cache(2.0, *placed, out_shardings=out)
+    assert cache.compiles == 1
+    np.testing.assert_allclose(np.asarray(got["total"]), np.asarray(_step(2.0, *_args())["total"]), rtol=1e-6)
+
+
+def test_placement_keeps_only_the_sharding_of_prng_keys():
+    """A key's format describes its uint32 words (rank + 1): as an out_sharding it is rejected."""
+    from jax.experimental.layout import Format, Layout
+
+    from qwenvl_jax.compiled import placement
+
+    like = {"key": jax.random.key(0), "x": jnp.zeros((2, 3))}
+    formats = {"key": Format(Layout(major_to_minor=(0,)), like["key"].sharding), "x": like["x"].format}
+    got = placement(formats, like)
+    assert got["key"] == like["key"].sharding and got["x"] == formats["x"]
+    out = jax.jit(lambda: {"key": jax.random.key(1), "x": jnp.ones((2, 3))}, out_shardings=got)()
+    assert out["x"].format == formats["x"]

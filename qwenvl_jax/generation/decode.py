@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 
@@ -29,10 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.experimental.layout import Format
+from jax.experimental.layout import Layout as XlaLayout
 
 from qwenvl_jax.batch import ModelInputs
 from qwenvl_jax.buckets import bucket
-from qwenvl_jax.compiled import CompiledCache
+from qwenvl_jax.compiled import CompiledCache, placement
 from qwenvl_jax.generation.sampling import SamplingParams, sample
 from qwenvl_jax.model.decoder import K_CACHE_AXES, V_CACHE_AXES, KVCache, unstack_layers
 from qwenvl_jax.model.vision_layout import bucket_rows
@@ -95,6 +98,26 @@ def _state_shardings(layout: Layout, cfg, batch: int, slots: int, max_new: int) 
         last_token=rows, next_position=rows, done=rows,
         tokens=layout.sharding(("batch", "length"), (batch, max_new)), step=layout.replicated,
         seen=layout.sharding(("batch", "vocab"), (batch, cfg.vocab_size)), key=layout.replicated)
+
+
+@functools.lru_cache(maxsize=64)
+def state_spec(cfg, batch: int, slots: int, max_new: int, dtype, shardings: DecodeState) -> DecodeState:
+    """The decode state's shapes, dtypes and shardings (what prefill returns), without running it
+    (memoized: tracing it costs ~10 ms per generate call)."""
+    def empty():
+        rows = jnp.zeros(batch, jnp.int32)
+        return DecodeState(cache=KVCache.empty(cfg, batch, slots, dtype), last_token=rows, next_position=rows,
+                           done=jnp.zeros(batch, bool), tokens=jnp.zeros((batch, max_new), jnp.int32),
+                           step=jnp.zeros((), jnp.int32), seen=jnp.zeros((batch, cfg.vocab_size), bool),
+                           key=jax.random.key(0))
+
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), jax.eval_shape(empty),
+                        shardings)
+
+
+def auto_formats(shardings):
+    """Each sharding with the layout left to the compiler (the decode programs' donated state)."""
+    return jax.tree.map(lambda s: Format(XlaLayout.AUTO, s), shardings)
 
 
 def _layers(model, layer_states):
@@ -162,7 +185,8 @@ def _decode_loop(model, layers, state: DecodeState, n_steps, sampling, eos, pad_
 
 
 _PREFILL = CompiledCache(_prefill, static_argnums=(0, 1, 2, 3))
-_DECODE = CompiledCache(_decode, static_argnums=(0, 1), donate_argnums=(4,))
+# The decode loop picks its params' and state's layouts (compiled.py); generate places them there.
+_DECODE = CompiledCache(_decode, static_argnums=(0, 1), donate_argnums=(4,), auto_layouts=(2, 4))
 
 
 def compiled_programs() -> dict[str, list]:
@@ -216,12 +240,28 @@ def generate(model, inputs: ModelInputs, *, max_new_tokens: int, eos_token_ids, 
             put(np.int32(pad_token_id)))
     sampling_args, eos, pad_arg = args[6:]
     state_shardings = _state_shardings(lay, cfg, b, slots, max_new_tokens)
+    state_formats = auto_formats(state_shardings)
     compile_before = compile_stats()["compile_s"]
 
     t = time.perf_counter()
     layer_states = model.decoder_layer_states()
+
+    def decode(state, n):
+        return _DECODE(model.graphdef, lay, model.params, layer_states, state, put(np.int32(n)), sampling_args, eos,
+                       pad_arg, out_shardings=state_formats)
+
+    # The decode program first: the params go where it wants them (once per model), and prefill
+    # writes the state in the layouts the loop reads, so no call relays either out.
+    dtype = jax.tree.leaves(model.params)[0].dtype
+    spec = state_spec(cfg, b, slots, max_new_tokens, dtype, state_shardings)
+    params_formats, _, spec_formats = _DECODE.input_formats(model.graphdef, lay, model.params, layer_states, spec,
+                                                            put(np.int32(1)), sampling_args, eos, pad_arg,
+                                                            out_shardings=state_formats)[:3]
+    spec_formats = placement(spec_formats, spec)
+    model.place_params(params_formats)
+    layer_states = model.decoder_layer_states()
     state = _PREFILL(model.graphdef, lay, slots, max_new_tokens, model.params, layer_states, *args,
-                     out_shardings=state_shardings)
+                     out_shardings=spec_formats)
     jax.block_until_ready(state.last_token)
     compiled_prefill = compile_stats()["compile_s"] - compile_before
     prefill_s = time.perf_counter() - t - compiled_prefill
@@ -230,10 +270,6 @@ def generate(model, inputs: ModelInputs, *, max_new_tokens: int, eos_token_ids, 
 
     t = time.perf_counter()
     steps = 1
-
-    def decode(state, n):
-        return _DECODE(model.graphdef, lay, model.params, layer_states, state, put(np.int32(n)), sampling_args, eos,
-                       pad_arg, out_shardings=state_shardings)
 
     if on_tokens is None:
         state = decode(state, max_new_tokens)

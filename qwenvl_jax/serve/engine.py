@@ -30,9 +30,10 @@ import numpy as np
 from flax import nnx, struct
 
 from qwenvl_jax.batch import ModelInputs
-from qwenvl_jax.compiled import CompiledCache
+from qwenvl_jax.compiled import CompiledCache, placement
 from qwenvl_jax.generation.decode import (
     ContextLengthError,
+    auto_formats,
     cache_shardings,
     next_positions,
     prompt_seen,
@@ -179,10 +180,20 @@ class Engine:
         self.pad_token_id, self.steps_per_call = pad_token_id, steps_per_call
         self.dtype = jax.tree.leaves(model.params)[0].dtype
         self._shardings = _state_shardings(model.layout, cfg, max_batch, max_seq_len)
-        self._layer_states = model.decoder_layer_states()
         self._prefill = CompiledCache(_prefill, static_argnums=(0, 1))
         self._insert = CompiledCache(_insert, donate_argnums=(0,))
-        self._step = CompiledCache(_step, static_argnums=(0, 1, 2), donate_argnums=(5,))
+        # The step picks its params' and state's layouts: compiled first, the params placed where it
+        # wants them and the state made and kept there, so no call relays weights or cache out.
+        self._step = CompiledCache(_step, static_argnums=(0, 1, 2), donate_argnums=(5,), auto_layouts=(3, 5))
+        self._step_out = (auto_formats(self._shardings), model.layout.replicated)
+        shapes = jax.eval_shape(lambda: _empty_state(cfg, max_batch, max_seq_len, self.dtype))
+        spec = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, self._shardings)
+        formats = self._step.input_formats(model.graphdef, model.layout, steps_per_call, model.params,
+                                           model.decoder_layer_states(), spec, out_shardings=self._step_out)
+        self._params_formats = formats[0]
+        model.place_params(self._params_formats)
+        self._layer_states = model.decoder_layer_states()
+        self._state_formats = placement(formats[2], spec)
         self._state = self._fresh_state()
         self._slots: list[Request | None] = [None] * max_batch
         self._queue: queue.Queue[Request] = queue.Queue()
@@ -244,7 +255,7 @@ class Engine:
     # ------------------------------------------------------------------ the loop
     def _fresh_state(self) -> SlotState:
         lay = self.model.layout
-        return jax.jit(_new_state, static_argnums=(0, 1, 2, 3, 4), out_shardings=self._shardings)(
+        return jax.jit(_new_state, static_argnums=(0, 1, 2, 3, 4), out_shardings=self._state_formats)(
             self.model.config.text, lay, self.max_batch, self.max_seq_len, self.dtype)
 
     def _run(self) -> None:
@@ -297,6 +308,7 @@ class Engine:
 
     def _prefill_into(self, a: Admission) -> int:
         lay = self.model.layout
+        self.model.place_params(self._params_formats)  # free unless generate() moved them since
         prompt = put_prompt(lay, a.inputs, self.pad_token_id, columns=self.prompt_columns(a.inputs.input_ids.shape[1]))
         values = [lay.put(v) for v in a.sampling.as_arrays().values()]  # temperature, top_k, top_p, penalty
         out_shardings = (cache_shardings(lay, self.model.config.text, 1, prompt[0].shape[1]),
@@ -305,15 +317,15 @@ class Engine:
             self.model.graphdef, lay, self.model.params, self._layer_states, *prompt, lay.put(np.uint32(a.seed)),
             *values, out_shardings=out_shardings)
         self._state = self._insert(self._state, cache, lay.put(np.int32(a.row)), first, next_pos, seen, key,
-                                   *values, out_shardings=self._shardings)
+                                   *values, out_shardings=self._state_formats)
         return int(to_host(first)[0])
 
     def _decode(self) -> None:
         lay = self.model.layout
+        self.model.place_params(self._params_formats)
         try:
             self._state, tokens = self._step(self.model.graphdef, lay, self.steps_per_call, self.model.params,
-                                             self._layer_states, self._state,
-                                             out_shardings=(self._shardings, lay.replicated))
+                                             self._layer_states, self._state, out_shardings=self._step_out)
             tokens = to_host(tokens)
         except Exception as e:  # noqa: BLE001 - the shared step failed: every running request fails, state rebuilt
             for row, request in enumerate(self._slots):
