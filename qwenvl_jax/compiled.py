@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +34,15 @@ from jax.experimental.layout import Format, Layout
 _SUFFIX = ".jaxexe"
 _directory: Path | None = None
 _environment: str | None = None
+_jax_cache_hits = threading.local()  # per compiling thread: hits of JAX's own persistent cache
+
+
+def _count_jax_cache_hit(event: str, **kwargs) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _jax_cache_hits.count = getattr(_jax_cache_hits, "count", 0) + 1
+
+
+jax.monitoring.register_event_listener(_count_jax_cache_hit)
 
 
 def set_directory(path: Path | None) -> None:
@@ -55,6 +66,17 @@ def _package_sources() -> str:
     return h.hexdigest()
 
 
+def _cpu_features() -> str:
+    """The host CPU's model and instruction-set flags: XLA:CPU code built for one CPU may not run on
+    another that shares the cache directory."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [line for line in info.splitlines() if line.startswith(("flags", "model name", "Features"))]
+    return "\n".join(sorted(set(lines)))
+
+
 def environment() -> str:
     """What, besides a call's own arguments, decides its compiled program (hashed once per process)."""
     global _environment
@@ -64,7 +86,7 @@ def environment() -> str:
 
         devices = jax.devices()
         parts = [_package_sources(), jax.__version__, jaxlib.__version__, flax.__version__,
-                 devices[0].platform, [(d.id, d.device_kind) for d in devices], jax.process_index(),
+                 devices[0].platform, [(d.id, d.device_kind) for d in devices], _cpu_features(), jax.process_index(),
                  jax.process_count(), os.environ.get("XLA_FLAGS", ""), os.environ.get("LIBTPU_INIT_ARGS", ""),
                  jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision,
                  jax.config.jax_default_prng_impl, jax.config.jax_threefry_partitionable]
@@ -121,6 +143,7 @@ class CompiledCache:
             path = self._path(args, tree, leaves, where, out_tree, out_leaves)
             compiled = _load(path, _program_devices(leaves)) if path is not None else None
             if compiled is None:
+                hits = getattr(_jax_cache_hits, "count", 0)
                 in_shardings = tuple(jax.tree.map(_auto_format if i in self._auto else _format, a)
                                      for i, a in enumerate(args) if i not in self._static)
                 jitted = jax.jit(self._fn, static_argnums=self._static, donate_argnums=self._donate,
@@ -128,7 +151,10 @@ class CompiledCache:
                 compiled = jitted.lower(*(jax.tree.map(_abstract, a) if i in self._auto else a
                                           for i, a in enumerate(args))).compile()
                 self.compiles += 1
-                if path is not None:
+                # An executable JAX read back from its own cache serializes without some of its
+                # functions on XLA:CPU ("Function ... not found" when the copy runs): store only
+                # programs compiled here.
+                if path is not None and getattr(_jax_cache_hits, "count", 0) == hits:
                     _save(compiled, path)
             else:
                 self.loads += 1
