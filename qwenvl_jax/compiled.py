@@ -6,13 +6,16 @@ the demo). So `CompiledCache` also keeps the compiled executables themselves on 
 everything that decides the program without tracing it:
 
   * the package's own source files, and the jax, jaxlib and flax versions;
-  * the backend, its devices (ids and kinds), the process index and count, XLA_FLAGS and
-    LIBTPU_INIT_ARGS, and the jax settings that change a trace (x64, matmul precision, PRNG);
-  * the function, its static arguments (the model's graph definition, layout, sizes), and every
-    dynamic argument's tree, shape, dtype and sharding, and the output shardings.
+  * the backend, its devices (ids and kinds), the host CPU's model and flags, the process index
+    and count, XLA_FLAGS and LIBTPU_INIT_ARGS, and the jax settings that change a trace (x64,
+    matmul precision, PRNG);
+  * the function, its static arguments (the model's graph definition, layout, sizes), every
+    dynamic argument's tree (static pytree fields included), shape, dtype, sharding and layout,
+    which arguments' layouts the program chooses, and the output shardings.
 
 The directory is `executables/` beside JAX's cache (compilation_cache.enable); `off` turns both
-off. A file that cannot be read is compiled again and overwritten, with a warning. A program
+off. A file that cannot be read is compiled again and overwritten, with a warning. A program JAX
+read back from its own cache is not stored (on XLA:CPU such a copy is incomplete). A program
 patched at run time (a monkeypatched function inside it) is not seen by the key: turn the cache
 off for that.
 """
@@ -51,10 +54,6 @@ def set_directory(path: Path | None) -> None:
     _directory = None if path is None else Path(path)
     if _directory is not None:
         _directory.mkdir(parents=True, exist_ok=True)
-
-
-def directory() -> Path | None:
-    return _directory
 
 
 def _package_sources() -> str:
