@@ -300,3 +300,20 @@ def compile_generation(config: Qwen25VLConfig, layout: Layout, *, batch: int, pr
                       in_shardings=(params_formats, *(jax.tree.map(lambda x: x.sharding, a) for a in prefill_args[1:])),
                       out_shardings=placement(state_formats, state))
     return _compile("prefill", prefill, *static, *prefill_args), compiled_decode
+
+
+def compile_serving_step(config: Qwen25VLConfig, layout: Layout, *, max_batch: int, max_seq_len: int,
+                         steps_per_call: int = 1, dtype=jnp.bfloat16) -> Compiled:
+    """The server's decode step (serve/engine.py) as the engine compiles it: every slot one token
+    further over a ring of `max_seq_len` cache slots, with the layouts of the params and the slot
+    state left to XLA (the engine places both there once)."""
+    from qwenvl_jax.generation.decode import auto_formats
+    from qwenvl_jax.serve import engine
+
+    graphdef, params = abstract_params(config, layout, dtype, dtype)
+    shardings = engine._state_shardings(layout, config.text, max_batch, max_seq_len)
+    state = _placed(jax.eval_shape(lambda: engine._empty_state(config.text, max_batch, max_seq_len, dtype)), shardings)
+    in_shardings = (auto_formats(jax.tree.map(lambda x: x.sharding, params)), None, auto_formats(shardings))
+    step = jax.jit(engine._step, static_argnums=(0, 1, 2), donate_argnums=(5,), in_shardings=in_shardings,
+                   out_shardings=(auto_formats(shardings), layout.replicated))
+    return _compile("serve_step", step, graphdef, layout, steps_per_call, params, None, state)
