@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from qwenvl_jax.buckets import bucket
+from qwenvl_jax.compiled import auto_formats, placement, shape_spec
 from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.data.pipeline import DataConfig
 from qwenvl_jax.model.vision_layout import VisionInputs
@@ -100,17 +101,12 @@ def _abstract(shape, dtype, sharding):
     return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
 
 
-def _placed(tree, shardings):
-    """A tree of shapes/dtypes (arrays or ShapeDtypeStructs) with a like tree of shardings attached."""
-    return jax.tree.map(lambda x, s: _abstract(x.shape, x.dtype, s), tree, shardings)
-
-
 def abstract_params(config: Qwen25VLConfig, layout: Layout, param_dtype, dtype=None):
     """(graphdef, parameters as a pure dict of sharded ShapeDtypeStructs)."""
     from qwenvl_jax.weights.load import abstract_model
 
     graphdef, state = abstract_model(config, param_dtype, dtype)
-    return graphdef, _placed(nnx.to_pure_dict(state), nnx.to_pure_dict(param_shardings(state, layout)))
+    return graphdef, shape_spec(nnx.to_pure_dict(state), nnx.to_pure_dict(param_shardings(state, layout)))
 
 
 def abstract_train_state(config: Qwen25VLConfig, layout: Layout, stage: str = "sft", param_dtype=jnp.float32,
@@ -125,7 +121,7 @@ def abstract_train_state(config: Qwen25VLConfig, layout: Layout, stage: str = "s
     tx, _ = steplib.make_optimizer(OptimSpec(), 1000, plain, STAGES[stage])
     state = jax.eval_shape(lambda p: steplib.init_state(p, tx), plain)
     shardings = steplib.state_shardings(state, jax.tree.map(lambda x: x.sharding, params), tx, layout)
-    return graphdef, tx, _placed(state, shardings), shardings
+    return graphdef, tx, shape_spec(state, shardings), shardings
 
 
 def abstract_vision(config: Qwen25VLConfig, layout: Layout, rows: int, patches: int, slots: int,
@@ -274,7 +270,6 @@ def compile_generation(config: Qwen25VLConfig, layout: Layout, *, batch: int, pr
     layouts of the params and the state left to XLA, then the prefill of `prompt_len`-token prompts
     (vision tower inside) reading the params in the layouts the loop chose and writing the KV
     cache of prompt + max_new_tokens slots in the layouts the loop reads."""
-    from qwenvl_jax.compiled import placement
     from qwenvl_jax.generation import decode as gen
 
     graphdef, params = abstract_params(config, layout, dtype, dtype)
@@ -284,18 +279,16 @@ def compile_generation(config: Qwen25VLConfig, layout: Layout, *, batch: int, pr
     shardings = gen._state_shardings(layout, config.text, batch, slots, max_new_tokens)
     static = (graphdef, layout, slots, max_new_tokens)
     prefill_args = (params, None, ids, pos, ids, vision, index, seed, sampling, eos, pad)  # None: layers sliced inside
-    state = _placed(jax.eval_shape(lambda *d: gen._prefill(*static, *d), *prefill_args), shardings)
+    state = shape_spec(jax.eval_shape(lambda *d: gen._prefill(*static, *d), *prefill_args), shardings)
     n = _abstract((), jnp.int32, layout.replicated)
     dynamic = (params, None, state, n, sampling, eos, pad)
-    auto = gen.auto_formats
-    in_shardings = (auto(jax.tree.map(lambda x: x.sharding, params)), None,
-                    auto(shardings), *(jax.tree.map(lambda x: x.sharding, a) for a in dynamic[3:]))
+    in_shardings = (auto_formats(jax.tree.map(lambda x: x.sharding, params)), None,
+                    auto_formats(shardings), *(jax.tree.map(lambda x: x.sharding, a) for a in dynamic[3:]))
     decode = jax.jit(gen._decode, static_argnums=(0, 1), donate_argnums=(4,), in_shardings=in_shardings,
-                     out_shardings=auto(shardings))
+                     out_shardings=auto_formats(shardings))
     compiled_decode = _compile("decode", decode, graphdef, layout, *dynamic)
     params_formats, _, state_formats = compiled_decode.compiled.input_formats[0][:3]
-    params = jax.tree.map(lambda x, f: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=f), params, params_formats)
-    prefill_args = (params, *prefill_args[1:])
+    prefill_args = (shape_spec(params, params_formats), *prefill_args[1:])
     prefill = jax.jit(gen._prefill, static_argnums=(0, 1, 2, 3),
                       in_shardings=(params_formats, *(jax.tree.map(lambda x: x.sharding, a) for a in prefill_args[1:])),
                       out_shardings=placement(state_formats, state))
@@ -307,12 +300,12 @@ def compile_serving_step(config: Qwen25VLConfig, layout: Layout, *, max_batch: i
     """The server's decode step (serve/engine.py) as the engine compiles it: every slot one token
     further over a ring of `max_seq_len` cache slots, with the layouts of the params and the slot
     state left to XLA (the engine places both there once)."""
-    from qwenvl_jax.generation.decode import auto_formats
     from qwenvl_jax.serve import engine
 
     graphdef, params = abstract_params(config, layout, dtype, dtype)
     shardings = engine._state_shardings(layout, config.text, max_batch, max_seq_len)
-    state = _placed(jax.eval_shape(lambda: engine._empty_state(config.text, max_batch, max_seq_len, dtype)), shardings)
+    empty = jax.eval_shape(lambda: engine._empty_state(config.text, max_batch, max_seq_len, dtype))
+    state = shape_spec(empty, shardings)
     in_shardings = (auto_formats(jax.tree.map(lambda x: x.sharding, params)), None, auto_formats(shardings))
     step = jax.jit(engine._step, static_argnums=(0, 1, 2), donate_argnums=(5,), in_shardings=in_shardings,
                    out_shardings=(auto_formats(shardings), layout.replicated))

@@ -188,6 +188,17 @@ def _format(x) -> Format:
     return f if isinstance(f, Format) else Format(None, x.sharding)
 
 
+def shape_spec(tree, shardings):
+    """A tree of shapes/dtypes (arrays or ShapeDtypeStructs) with a like tree of shardings attached:
+    what a program is compiled for before its arguments exist."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def auto_formats(shardings):
+    """Each sharding with the layout left to the compiler (`Layout.AUTO`)."""
+    return jax.tree.map(lambda s: Format(Layout.AUTO, s), shardings)
+
+
 def placement(formats, like):
     """A program's input formats (`compiled.input_formats` of arguments like `like`) as out_shardings
     for the program that makes those arguments. PRNG keys keep only their sharding: their layout

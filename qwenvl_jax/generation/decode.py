@@ -30,12 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
-from jax.experimental.layout import Format
-from jax.experimental.layout import Layout as XlaLayout
 
 from qwenvl_jax.batch import ModelInputs
 from qwenvl_jax.buckets import bucket
-from qwenvl_jax.compiled import CompiledCache, placement
+from qwenvl_jax.compiled import CompiledCache, auto_formats, placement, shape_spec
 from qwenvl_jax.generation.sampling import SamplingParams, sample
 from qwenvl_jax.model.decoder import K_CACHE_AXES, V_CACHE_AXES, KVCache, unstack_layers
 from qwenvl_jax.model.vision_layout import bucket_rows
@@ -111,13 +109,7 @@ def state_spec(cfg, batch: int, slots: int, max_new: int, dtype, shardings: Deco
                            step=jnp.zeros((), jnp.int32), seen=jnp.zeros((batch, cfg.vocab_size), bool),
                            key=jax.random.key(0))
 
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), jax.eval_shape(empty),
-                        shardings)
-
-
-def auto_formats(shardings):
-    """Each sharding with the layout left to the compiler (the decode programs' donated state)."""
-    return jax.tree.map(lambda s: Format(XlaLayout.AUTO, s), shardings)
+    return shape_spec(jax.eval_shape(empty), shardings)
 
 
 def _layers(model, layer_states):

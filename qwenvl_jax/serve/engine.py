@@ -30,10 +30,9 @@ import numpy as np
 from flax import nnx, struct
 
 from qwenvl_jax.batch import ModelInputs
-from qwenvl_jax.compiled import CompiledCache, placement
+from qwenvl_jax.compiled import CompiledCache, auto_formats, placement, shape_spec
 from qwenvl_jax.generation.decode import (
     ContextLengthError,
-    auto_formats,
     cache_shardings,
     next_positions,
     prompt_seen,
@@ -186,8 +185,8 @@ class Engine:
         # wants them and the state made and kept there, so no call relays weights or cache out.
         self._step = CompiledCache(_step, static_argnums=(0, 1, 2), donate_argnums=(5,), auto_layouts=(3, 5))
         self._step_out = (auto_formats(self._shardings), model.layout.replicated)
-        shapes = jax.eval_shape(lambda: _empty_state(cfg, max_batch, max_seq_len, self.dtype))
-        spec = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, self._shardings)
+        spec = shape_spec(jax.eval_shape(lambda: _empty_state(cfg, max_batch, max_seq_len, self.dtype)),
+                          self._shardings)
         formats = self._step.input_formats(model.graphdef, model.layout, steps_per_call, model.params,
                                            model.decoder_layer_states(), spec, out_shardings=self._step_out)
         self._params_formats = formats[0]
