@@ -134,3 +134,39 @@ def test_placement_keeps_only_the_sharding_of_prng_keys():
     assert got["key"] == like["key"].sharding and got["x"] == formats["x"]
     out = jax.jit(lambda: {"key": jax.random.key(1), "x": jnp.ones((2, 3))}, out_shardings=got)()
     assert out["x"].format == formats["x"]
+
+
+class _Scale:
+    """A static argument that counts its hashes (an nnx GraphDef's hash walks the whole graph)."""
+
+    hashes = 0
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self):
+        _Scale.hashes += 1
+        return hash(self.value)
+
+    def __eq__(self, other):
+        return isinstance(other, _Scale) and other.value == self.value
+
+
+def _scaled_step(scale, state, x):
+    return _step(scale.value, state, x)
+
+
+def test_a_static_argument_is_hashed_once_and_equal_values_share_a_program():
+    cache = CompiledCache(_scaled_step, static_argnums=(0,), donate_argnums=(1,))
+    two = _Scale(2.0)
+    expected = _run(cache, two)
+    hashes = _Scale.hashes
+    for _ in range(3):
+        np.testing.assert_array_equal(_run(cache, two)["total"], expected["total"])
+    assert _Scale.hashes == hashes  # the same object: found by identity, per call
+    np.testing.assert_array_equal(_run(cache, _Scale(2.0))["total"], expected["total"])  # equal, not identical
+    assert cache.compiles == 1
+    three = _run(cache, _Scale(3.0))  # a different value: its own program
+    assert cache.compiles == 2
+    state, x = _args()
+    np.testing.assert_allclose(three["total"], np.asarray(_step(3.0, state, x)["total"]), rtol=1e-6)
