@@ -296,10 +296,12 @@ def compile_generation(config: Qwen25VLConfig, layout: Layout, *, batch: int, pr
 
 
 def compile_serving_step(config: Qwen25VLConfig, layout: Layout, *, max_batch: int, max_seq_len: int,
-                         steps_per_call: int = 1, dtype=jnp.bfloat16) -> Compiled:
+                         steps_per_call: int = 1, dtype=jnp.bfloat16, rows: int | None = None) -> Compiled:
     """The server's decode step (serve/engine.py) as the engine compiles it: every slot one token
     further over a ring of `max_seq_len` cache slots, with the layouts of the params and the slot
-    state left to XLA (the engine places both there once)."""
+    state left to XLA (the engine places both there once). rows: the step over the first `rows`
+    slots instead, taking the params and state in the layouts the whole step chose (as the engine
+    runs it while few slots are busy)."""
     from qwenvl_jax.serve import engine
 
     graphdef, params = abstract_params(config, layout, dtype, dtype)
@@ -307,6 +309,13 @@ def compile_serving_step(config: Qwen25VLConfig, layout: Layout, *, max_batch: i
     empty = jax.eval_shape(lambda: engine._empty_state(config.text, max_batch, max_seq_len, dtype))
     state = shape_spec(empty, shardings)
     in_shardings = (auto_formats(jax.tree.map(lambda x: x.sharding, params)), None, auto_formats(shardings))
-    step = jax.jit(engine._step, static_argnums=(0, 1, 2), donate_argnums=(5,), in_shardings=in_shardings,
+    step = jax.jit(engine._step, static_argnums=(0, 1, 2, 3), donate_argnums=(6,), in_shardings=in_shardings,
                    out_shardings=(auto_formats(shardings), layout.replicated))
-    return _compile("serve_step", step, graphdef, layout, steps_per_call, params, None, state)
+    whole = _compile("serve_step", step, graphdef, layout, steps_per_call, max_batch, params, None, state)
+    if rows is None:
+        return whole
+    params_formats, _, state_formats = whole.compiled.input_formats[0]
+    state_formats = placement(state_formats, state)
+    step = jax.jit(engine._step, static_argnums=(0, 1, 2, 3), donate_argnums=(6,),
+                   in_shardings=(params_formats, None, state_formats), out_shardings=(state_formats, layout.replicated))
+    return _compile(f"serve_step[rows={rows}]", step, graphdef, layout, steps_per_call, rows, params, None, state)

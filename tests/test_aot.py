@@ -136,6 +136,18 @@ def test_decode_relays_nothing_per_call(v5p_programs, program):
     assert relaid_arguments(programs[program].compiled.as_text(), slots=160) == []
 
 
+def test_the_serving_step_over_fewer_rows_relays_nothing(v5p, config):
+    """While few slots are busy the engine runs the step over the first rows, with the params and
+    state where the whole step placed them: that program copies no parameter or cache either (rows
+    replicated over the mesh: tensor parallel), and needs no more scratch memory than the whole step."""
+    layout = _layout("tensor=4", v5p, config)
+    whole = aot.compile_serving_step(config, layout, max_batch=4, max_seq_len=160)
+    one_row = aot.compile_serving_step(config, layout, max_batch=4, max_seq_len=160, rows=1)
+    assert one_row.name == "serve_step[rows=1]"
+    assert relaid_arguments(one_row.compiled.as_text(), slots=160) == []
+    assert one_row.summary()["temp_bytes"] <= whole.summary()["temp_bytes"]
+
+
 def relaid_arguments(hlo: str, slots: int) -> list[str]:
     """Copies and transposes (rank >= 2) in a program's entry computation of a parameter (by name,
     or an entry argument itself) or of a cache-sized array (one of its dimensions is the cache's

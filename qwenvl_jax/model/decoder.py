@@ -92,15 +92,18 @@ class Attention(nnx.Module):
         k, v = k.astype(ck.dtype).astype(q.dtype), v.astype(cv.dtype).astype(v.dtype)
         if prefill:
             out = self._causal(q, k, v, segment_ids, inference=True)
-        else:  # the cache as it was before this step, and the new tokens beside it
-            out = attend_cache(q, ck, cv, k, v, *masks)
-        # Then only the L new slots are written, in place: the rest of the donated buffer stays
-        # where it is. (Attention reading the updated buffer made XLA:CPU fuse the update into the
-        # matmul's operand too and copy the whole cache to keep both.)
+        else:  # the cache as it was before this step, and the new tokens beside it; only its first
+            # b rows when fewer rows decode than the cache holds (a server's busy slots)
+            out = attend_cache(q, ck[:b], cv[:b], k, v, *masks)
+        # Then only the L new slots of the b rows are written, in place: the rest of the donated
+        # buffer stays where it is. (Attention reading the updated buffer made XLA:CPU fuse the
+        # update into the matmul's operand too and copy the whole cache to keep both.)
         if not prefill:
             k, v = after(k, out), after(v, out)
-        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.transpose(0, 2, 3, 1).astype(ck.dtype), index, axis=3)
-        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.swapaxes(1, 2).astype(cv.dtype), index, axis=2)
+        zero = jnp.zeros((), jnp.int32)
+        index = jnp.asarray(index, jnp.int32)
+        ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 3, 1).astype(ck.dtype), (zero, zero, zero, index))
+        cv = jax.lax.dynamic_update_slice(cv, v.swapaxes(1, 2).astype(cv.dtype), (zero, zero, index, zero))
         ck, cv = constrain(ck, *K_CACHE_AXES), constrain(cv, *V_CACHE_AXES)
         return self.o_proj(out.reshape(b, length, -1)), (ck, cv)
 
@@ -152,14 +155,16 @@ class TextModel(nnx.Module):
         if cache is None:
             x, _ = scan_layers(self.layers, lambda layer, h, _: layer(h, cos, sin, segment_ids), x)
             return self.norm(x), None
-        masks = None if prefill else cache_masks(segment_ids, cache.segment_ids)
+        b = x.shape[0]  # may be fewer rows than the cache holds: its first b rows decode
+        masks = None if prefill else cache_masks(segment_ids, cache.segment_ids[:b])
         layers = unstack_layers(self.layers) if layers is None else layers
         ks, vs = [], []
         for layer, ck, cv in zip(layers, cache.k, cache.v, strict=True):
             x, (ck, cv) = layer(x, cos, sin, segment_ids, (ck, cv, masks, cache.index), prefill)
             ks.append(ck)
             vs.append(cv)
-        kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, after(segment_ids, x), cache.index, axis=1)
+        kv_seg = jax.lax.dynamic_update_slice(cache.segment_ids, after(segment_ids, x).astype(cache.segment_ids.dtype),
+                                              (jnp.zeros((), jnp.int32), jnp.asarray(cache.index, jnp.int32)))
         new_cache = KVCache(k=tuple(ks), v=tuple(vs), segment_ids=kv_seg, index=cache.index + x.shape[1])
         return self.norm(x), new_cache
 

@@ -13,7 +13,9 @@ row so that its last prompt token sits just before the ring's write slot; the ro
 are cleared. Attention sees a row's filled slots in any order (RoPE is already applied to the
 keys), and a request never wraps onto itself because prompt + max_tokens <= max_seq_len.
 Per-row MRoPE positions, sampling values and keys live in the state, so rows never wait for
-each other: a finished, stopped or cancelled request frees its slot at the next step.
+each other: a finished, stopped or cancelled request frees its slot at the next step. A decode
+call runs the rows up to the last busy slot (a few row counts, one program each): the idle rows'
+cache is neither read nor written.
 """
 
 from __future__ import annotations
@@ -59,9 +61,9 @@ class SlotState:
     repetition_penalty: jax.Array  # [B] float32
 
 
-def _sampling_values(state) -> dict:
-    return dict(temperature=state.temperature, top_k=state.top_k, top_p=state.top_p,
-                repetition_penalty=state.repetition_penalty)
+def _sampling_values(state, rows: int) -> dict:
+    return dict(temperature=state.temperature[:rows], top_k=state.top_k[:rows], top_p=state.top_p[:rows],
+                repetition_penalty=state.repetition_penalty[:rows])
 
 
 def _state_shardings(layout: Layout, cfg, batch: int, slots: int) -> SlotState:
@@ -122,26 +124,29 @@ def _insert(state: SlotState, prompt: KVCache, row, first, next_position, seen, 
                      repetition_penalty=state.repetition_penalty.at[row].set(repetition_penalty))
 
 
-def _step(graphdef, layout, n_steps, params, layer_states, state: SlotState):
-    """`n_steps` decode steps for every slot -> (state, tokens [B, n_steps])."""
+def _step(graphdef, layout, n_steps, rows, params, layer_states, state: SlotState):
+    """`n_steps` decode steps for the first `rows` slots (rows <= B: the busy ones and idle ones
+    below them) -> (state, tokens [rows, n_steps]). The other slots are neither read nor written:
+    a lone request in a large ring reads its own row of the cache, not all of them."""
     with active(layout):
         model = nnx.merge(graphdef, params)
         layers = unstack_layers(model.language_model.layers, layer_states)
-        b = state.last_token.shape[0]
         slots = state.cache.segment_ids.shape[1]
+        r = jnp.arange(rows)
 
         def body(i, carry):
             s, tokens = carry
             cache = s.cache.replace(index=s.cache.index % slots)
-            pos = jnp.broadcast_to(s.next_position[None, :, None], (3, b, 1))
-            logits, cache = model.decode(s.last_token[:, None], pos, cache, layers=layers)
-            split = jax.vmap(jax.random.split)(s.keys)  # [B, 2]
-            tok = sample(logits[:, -1], split[:, 1], s.seen, **_sampling_values(s))
-            s = s.replace(cache=cache, last_token=tok, next_position=s.next_position + 1,
-                          seen=s.seen.at[jnp.arange(b), tok].set(True), keys=split[:, 0])
+            pos = jnp.broadcast_to(s.next_position[None, :rows, None], (3, rows, 1))
+            logits, cache = model.decode(s.last_token[:rows, None], pos, cache, layers=layers)
+            split = jax.vmap(jax.random.split)(s.keys[:rows])  # [rows, 2]
+            tok = sample(logits[:, -1], split[:, 1], s.seen[:rows], **_sampling_values(s, rows))
+            s = s.replace(cache=cache, last_token=s.last_token.at[r].set(tok),
+                          next_position=s.next_position.at[r].add(1), seen=s.seen.at[r, tok].set(True),
+                          keys=s.keys.at[r].set(split[:, 0]))
             return s, tokens.at[:, i].set(tok)
 
-        return jax.lax.fori_loop(0, n_steps, body, (state, jnp.zeros((b, n_steps), jnp.int32)))
+        return jax.lax.fori_loop(0, n_steps, body, (state, jnp.zeros((rows, n_steps), jnp.int32)))
 
 
 @dataclasses.dataclass
@@ -183,16 +188,22 @@ class Engine:
         self._insert = CompiledCache(_insert, donate_argnums=(0,))
         # The step picks its params' and state's layouts: compiled first, the params placed where it
         # wants them and the state made and kept there, so no call relays weights or cache out.
-        self._step = CompiledCache(_step, static_argnums=(0, 1, 2), donate_argnums=(5,), auto_layouts=(3, 5))
+        self._step = CompiledCache(_step, static_argnums=(0, 1, 2, 3), donate_argnums=(6,), auto_layouts=(4, 6))
         self._step_out = (auto_formats(self._shardings), model.layout.replicated)
         spec = shape_spec(jax.eval_shape(lambda: _empty_state(cfg, max_batch, max_seq_len, self.dtype)),
                           self._shardings)
-        formats = self._step.input_formats(model.graphdef, model.layout, steps_per_call, model.params,
+        formats = self._step.input_formats(model.graphdef, model.layout, steps_per_call, max_batch, model.params,
                                            model.decoder_layer_states(), spec, out_shardings=self._step_out)
         self._params_formats = formats[0]
         model.place_params(self._params_formats)
         self._layer_states = model.decoder_layer_states()
         self._state_formats = placement(formats[2], spec)
+        # Steps over fewer rows (the busy slots, a power of two) take the params and state where the
+        # full step placed them. Only while rows are not split over devices: a prefix of a sharded
+        # batch axis would gather the state onto a few devices.
+        self._step_rows = CompiledCache(_step, static_argnums=(0, 1, 2, 3), donate_argnums=(6,))
+        self._step_rows_out = (self._state_formats, model.layout.replicated)
+        self._row_buckets = self._shardings.last_token.is_fully_replicated
         self._state = self._fresh_state()
         self._slots: list[Request | None] = [None] * max_batch
         self._queue: queue.Queue[Request] = queue.Queue()
@@ -238,6 +249,29 @@ class Engine:
         the ring (padding columns would wrap onto the prompt)."""
         return max(min(max(16, 1 << (length - 1).bit_length()), self.max_seq_len), length)
 
+    def row_counts(self) -> list[int]:
+        """The row counts a decode call may run (one program each): powers of two up to a quarter
+        of the slots, then all of them. Fewer rows read (and on XLA:CPU first copy out) their prefix
+        of each layer's cache: at most a quarter keeps that below reading the whole ring. Rows split
+        over devices always decode whole (a prefix would gather the state onto a few devices)."""
+        if not self._row_buckets:
+            return [self.max_batch]
+        return [1 << i for i in range(self.max_batch.bit_length()) if 4 << i <= self.max_batch] + [self.max_batch]
+
+    def decode_rows(self) -> int:
+        """The rows the next decode call runs: the fewest of row_counts that hold every busy slot
+        (requests take the lowest free slot)."""
+        busy = [row for row, request in enumerate(self._slots) if request is not None]
+        return next(n for n in self.row_counts() if not busy or n > busy[-1])
+
+    def compile_steps(self) -> None:
+        """Compiles the decode program of every row count (warm_up: none compiles while serving)."""
+        lay = self.model.layout
+        self.model.place_params(self._params_formats)
+        for rows in self.row_counts()[:-1]:
+            self._step_rows.program(self.model.graphdef, lay, self.steps_per_call, rows, self.model.params,
+                                    self._layer_states, self._state, out_shardings=self._step_rows_out)
+
     @property
     def busy_slots(self) -> int:
         return sum(r is not None for r in self._slots)
@@ -280,7 +314,7 @@ class Engine:
             self._slots[row] = request  # reserved; freed again if its prefill fails
             seed = request.seed if request.seed is not None else int(np.random.default_rng().integers(2**32))
             admit.append(Admission(row, request.inputs, seed, request.sampling))
-        plan = Plan(admit=tuple(admit), decode=self.busy_slots > 0)
+        plan = Plan(admit=tuple(admit), decode=self.busy_slots > 0, rows=self.decode_rows())
         if self._multi:
             broadcast_plan(plan)
         self._run_plan(plan)
@@ -303,7 +337,7 @@ class Engine:
             if self._slots[a.row] is not None:  # followers hold no requests
                 self._deliver(a.row, [first])
         if plan.decode:
-            self._decode()
+            self._decode(plan.rows)
 
     def _prefill_into(self, a: Admission) -> int:
         lay = self.model.layout
@@ -319,12 +353,14 @@ class Engine:
                                    *values, out_shardings=self._state_formats)
         return int(to_host(first)[0])
 
-    def _decode(self) -> None:
+    def _decode(self, rows: int) -> None:
         lay = self.model.layout
         self.model.place_params(self._params_formats)
+        step, out = ((self._step, self._step_out) if rows == self.max_batch
+                     else (self._step_rows, self._step_rows_out))
         try:
-            self._state, tokens = self._step(self.model.graphdef, lay, self.steps_per_call, self.model.params,
-                                             self._layer_states, self._state, out_shardings=self._step_out)
+            self._state, tokens = step(self.model.graphdef, lay, self.steps_per_call, rows, self.model.params,
+                                       self._layer_states, self._state, out_shardings=out)
             tokens = to_host(tokens)
         except Exception as e:  # noqa: BLE001 - the shared step failed: every running request fails, state rebuilt
             for row, request in enumerate(self._slots):
@@ -360,9 +396,11 @@ class Engine:
 
 def warm_up(engine: Engine, inputs: ModelInputs, n_requests: int | None = None, max_prompt: int = 0) -> float:
     """Compiles prefill, insert and step by serving `inputs` greedily (a few tokens, several slots),
-    then the prefill and insert of text prompts of every prompt_columns size up to `max_prompt`
-    tokens (`inputs`' tokens repeated); returns the seconds it took."""
+    the step of every row count, then the prefill and insert of text prompts of every
+    prompt_columns size up to `max_prompt` tokens (`inputs`' tokens repeated); returns the seconds
+    it took."""
     t = time.perf_counter()
+    engine.compile_steps()
     for _ in range(n_requests or min(2, engine.max_batch)):
         engine.submit(Request(inputs, max_tokens=min(engine.steps_per_call + 1,
                                                      engine.max_seq_len - int(inputs.segment_ids.sum()))))

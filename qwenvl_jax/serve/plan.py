@@ -33,20 +33,21 @@ class Admission:
 class Plan:
     admit: tuple[Admission, ...] = ()
     decode: bool = False
+    rows: int = 0  # the rows the decode call runs (Engine.decode_rows)
     stop: bool = False  # the leader is shutting down: followers return
 
 
 def broadcast_plan(plan: Plan | None) -> Plan:
     """Process 0's `plan` on every process (others pass None). A fixed header first (stop, decode,
-    payload bytes), then the pickled admissions only when there are any, padded to a bucketed size
+    rows, payload bytes), then the pickled admissions only when there are any, padded to a bucketed size
     so the broadcast compiles for a few sizes only."""
     import jax
     from jax.experimental import multihost_utils
 
     leader = jax.process_index() == 0
     payload = pickle.dumps(plan.admit) if leader and plan.admit else b""
-    header = np.array([plan.stop, plan.decode, len(payload)] if leader else [0, 0, 0], np.int32)
-    stop, decode, n = (int(x) for x in multihost_utils.broadcast_one_to_all(header))
+    header = np.array([plan.stop, plan.decode, plan.rows, len(payload)] if leader else [0, 0, 0, 0], np.int32)
+    stop, decode, rows, n = (int(x) for x in multihost_utils.broadcast_one_to_all(header))
     admit: tuple[Admission, ...] = ()
     if n:
         buf = np.zeros(bucket(n, 4096), np.uint8)
@@ -54,4 +55,4 @@ def broadcast_plan(plan: Plan | None) -> Plan:
             buf[:n] = np.frombuffer(payload, np.uint8)
         buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
         admit = pickle.loads(buf[:n].tobytes())  # noqa: S301 - bytes from process 0 of this same job
-    return Plan(admit=admit, decode=bool(decode), stop=bool(stop))
+    return Plan(admit=admit, decode=bool(decode), rows=rows, stop=bool(stop))

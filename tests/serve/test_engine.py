@@ -74,18 +74,41 @@ def test_cancel_frees_the_slot_and_a_long_request_does_not_fit(model):
 def test_the_step_updates_the_ring_in_place(model):
     """The engine's decode call is generation's copy-free step: the donated state's cache is aliased
     to the output and the temporaries stay below one layer's k buffer (a copy of the cache, per
-    layer or stacked, would need at least that)."""
+    layer or stacked, would need at least that). A step over fewer rows (one busy slot of 8) is
+    aliased whole too, and holds at most its rows' share of the cache (XLA:CPU copies that prefix
+    out before the attention matmuls)."""
     from qwenvl_jax.model.decoder import KVCache
 
-    slots = 1024
-    engine = Engine(model, max_batch=2, max_seq_len=slots, eos_token_ids=[], pad_token_id=PAD, steps_per_call=2)
+    slots, batch = 512, 8
+    engine = Engine(model, max_batch=batch, max_seq_len=slots, eos_token_ids=[], pad_token_id=PAD, steps_per_call=2)
     _serve(engine, [(model.prepare(input_ids=_prompt(5, 0)), 3, SamplingParams(), None)])
     (step,) = engine._step._compiled.values()
-    k_shape, _ = KVCache.layer_shapes(model.config.text, 2, slots)
+    (one_row,) = engine._step_rows._compiled.values()
+    k_shape, _ = KVCache.layer_shapes(model.config.text, batch, slots)
     layer_bytes = int(np.prod(k_shape)) * 4
+    cache_bytes = 2 * model.config.text.num_hidden_layers * layer_bytes
     memory = step.memory_analysis()
-    assert memory.alias_size_in_bytes >= 2 * model.config.text.num_hidden_layers * layer_bytes
+    assert memory.alias_size_in_bytes >= cache_bytes
     assert memory.temp_size_in_bytes < layer_bytes, (memory.temp_size_in_bytes, layer_bytes)
+    memory = one_row.memory_analysis()
+    assert memory.alias_size_in_bytes >= cache_bytes
+    assert memory.temp_size_in_bytes < cache_bytes / batch + layer_bytes / 4, (memory.temp_size_in_bytes, cache_bytes)
+
+
+def test_fewer_busy_slots_decode_fewer_rows_with_the_same_answers(model, monkeypatch):
+    """A decode call runs the rows up to the last busy slot (1, 2 or all 8 here): a lone request
+    does not read the idle rows' cache, and nobody's tokens change with the row count."""
+    engine = Engine(model, max_batch=8, max_seq_len=64, eos_token_ids=[], pad_token_id=PAD, steps_per_call=2)
+    assert engine.row_counts() == [1, 2, 8]
+    rows_run = []
+    real = engine._decode
+    monkeypatch.setattr(engine, "_decode", lambda rows: (rows_run.append(rows), real(rows)))
+    requests = [(model.prepare(input_ids=_prompt(4 + i, 40 + i)), 4 + 3 * (i % 3), SamplingParams(), None)
+                for i in range(6)]
+    served = _serve(engine, requests[:1]) + _serve(engine, requests[1:3]) + _serve(engine, requests[3:])
+    assert set(rows_run) == {1, 2, 8}
+    for (inputs, m, _, _), (tokens, _) in zip(requests, served, strict=True):
+        assert tokens == generate(model, inputs, max_new_tokens=m, eos_token_ids=[], pad_token_id=PAD).token_ids[0]
 
 
 def test_a_failing_request_fails_alone_and_its_slot_is_reused(model, monkeypatch):
@@ -121,12 +144,13 @@ def test_a_prompt_whose_bucket_passes_the_ring_is_padded_only_to_the_ring(model)
 def test_warm_up_compiles_the_prefill_of_every_prompt_length_it_covers(model):
     """Prompts are padded to powers of two (never past the ring); after warm_up(max_prompt=100)
     requests of 1 to 100 tokens compile nothing, and padding changes no answer."""
-    engine = Engine(model, max_batch=2, max_seq_len=128, eos_token_ids=[EOS], pad_token_id=PAD)
+    engine = Engine(model, max_batch=4, max_seq_len=128, eos_token_ids=[EOS], pad_token_id=PAD)
     assert sorted({engine.prompt_columns(n) for n in range(1, 128)}) == [16, 32, 64, 128]
     warm_up(engine, model.prepare(input_ids=_prompt(5, 0)), max_prompt=100)
-    compiled = [c.compiles for c in (engine._prefill, engine._insert, engine._step)]
+    programs = (engine._prefill, engine._insert, engine._step, engine._step_rows)
+    compiled = [c.compiles for c in programs]
     requests = [(model.prepare(input_ids=_prompt(n, n)), 3, SamplingParams(), None) for n in (1, 17, 40, 100)]
-    served = _serve(engine, requests)
-    assert [c.compiles for c in (engine._prefill, engine._insert, engine._step)] == compiled
-    for (inputs, m, _, _), (tokens, _) in zip(requests, served):
+    served = _serve(engine, requests) + _serve(engine, requests[:1])  # 2 busy rows, then 1
+    assert [c.compiles for c in programs] == compiled
+    for (inputs, m, _, _), (tokens, _) in zip(requests + requests[:1], served, strict=True):
         assert tokens == generate(model, inputs, max_new_tokens=m, eos_token_ids=[EOS], pad_token_id=PAD).token_ids[0]
