@@ -170,3 +170,21 @@ def test_a_static_argument_is_hashed_once_and_equal_values_share_a_program():
     assert cache.compiles == 2
     state, x = _args()
     np.testing.assert_allclose(three["total"], np.asarray(_step(3.0, state, x)["total"]), rtol=1e-6)
+
+
+def test_an_argument_changed_in_place_is_keyed_anew():
+    """Arguments are recognised between calls by their leaves, not by the container: a dict (or
+    nnx State) whose array is replaced in place gets the program for its new shapes, and its new
+    values."""
+    def total(state, x):
+        return (state["w"] * x.sum()).sum()
+
+    cache = CompiledCache(total)
+    state, x = {"w": jnp.ones(4)}, jnp.ones(3)
+    assert float(cache(state, x, out_shardings=None)) == 12.0
+    state["w"] = jnp.full(4, 2.0)  # same shape: same program, new values
+    assert float(cache(state, x, out_shardings=None)) == 24.0
+    assert cache.compiles == 1
+    state["w"] = jnp.ones(6)  # new shape: its own program
+    assert float(cache(state, x, out_shardings=None)) == 18.0
+    assert cache.compiles == 2
