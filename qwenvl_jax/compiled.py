@@ -198,8 +198,8 @@ class CompiledCache:
         """An argument's part of the key (its tree; each leaf's shape, dtype and where it lies; for
         the output shardings the shardings themselves) as a small int. While an argument holds the
         very leaves it held at the last call (held weakly: the memo keeps no array alive) it is
-        reused without reading a format: the params and layer states of a decode call. ~1 ms per
-        call on the small bench model."""
+        reused without reading a format: the params and layer states of a decode call (~0.5 ms
+        per call on the small bench model)."""
         memo = self._memo.get(slot)
         if (memo is not None and memo[0] == tree and len(memo[1]) == len(leaves)
                 and all(ref() is x for ref, x in zip(memo[1], leaves))):

@@ -321,7 +321,9 @@ class Engine:
 
     def follow(self) -> None:
         """Every process but 0: runs process 0's plans, the same programs in the same order,
-        until it stops."""
+        until it stops. Process 0's warm_up compiles the fewer-rows steps without running them:
+        compiled here too, before following."""
+        self.compile_steps()
         while not (plan := broadcast_plan(None)).stop:
             self._run_plan(plan)
 
