@@ -284,12 +284,12 @@ def compile_generation(config: Qwen25VLConfig, layout: Layout, *, batch: int, pr
     dynamic = (params, None, state, n, sampling, eos, pad)
     in_shardings = (auto_formats(jax.tree.map(lambda x: x.sharding, params)), None,
                     auto_formats(shardings), *(jax.tree.map(lambda x: x.sharding, a) for a in dynamic[3:]))
-    decode = jax.jit(gen._decode, static_argnums=(0, 1), donate_argnums=(4,), in_shardings=in_shardings,
+    decode = jax.jit(gen._decode, **gen.DECODE_ARGNUMS, in_shardings=in_shardings,
                      out_shardings=auto_formats(shardings))
     compiled_decode = _compile("decode", decode, graphdef, layout, *dynamic)
     params_formats, _, state_formats = compiled_decode.compiled.input_formats[0][:3]
     prefill_args = (shape_spec(params, params_formats), *prefill_args[1:])
-    prefill = jax.jit(gen._prefill, static_argnums=(0, 1, 2, 3),
+    prefill = jax.jit(gen._prefill, **gen.PREFILL_ARGNUMS,
                       in_shardings=(params_formats, *(jax.tree.map(lambda x: x.sharding, a) for a in prefill_args[1:])),
                       out_shardings=placement(state_formats, state))
     return _compile("prefill", prefill, *static, *prefill_args), compiled_decode
@@ -309,13 +309,13 @@ def compile_serving_step(config: Qwen25VLConfig, layout: Layout, *, max_batch: i
     empty = jax.eval_shape(lambda: engine._empty_state(config.text, max_batch, max_seq_len, dtype))
     state = shape_spec(empty, shardings)
     in_shardings = (auto_formats(jax.tree.map(lambda x: x.sharding, params)), None, auto_formats(shardings))
-    step = jax.jit(engine._step, static_argnums=(0, 1, 2, 3), donate_argnums=(6,), in_shardings=in_shardings,
+    step = jax.jit(engine._step, **engine.STEP_ARGNUMS, in_shardings=in_shardings,
                    out_shardings=(auto_formats(shardings), layout.replicated))
     whole = _compile("serve_step", step, graphdef, layout, steps_per_call, max_batch, params, None, state)
     if rows is None:
         return whole
     params_formats, _, state_formats = whole.compiled.input_formats[0]
     state_formats = placement(state_formats, state)
-    step = jax.jit(engine._step, static_argnums=(0, 1, 2, 3), donate_argnums=(6,),
+    step = jax.jit(engine._step, **engine.STEP_ARGNUMS,
                    in_shardings=(params_formats, None, state_formats), out_shardings=(state_formats, layout.replicated))
     return _compile(f"serve_step[rows={rows}]", step, graphdef, layout, steps_per_call, rows, params, None, state)

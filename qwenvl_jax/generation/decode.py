@@ -176,9 +176,12 @@ def _decode_loop(model, layers, state: DecodeState, n_steps, sampling, eos, pad_
     return jax.lax.while_loop(cond, body, state)
 
 
-_PREFILL = CompiledCache(_prefill, static_argnums=(0, 1, 2, 3))
+# How the programs are jitted, here and by aot's deviceless compiles of them
+PREFILL_ARGNUMS = dict(static_argnums=(0, 1, 2, 3))
+DECODE_ARGNUMS = dict(static_argnums=(0, 1), donate_argnums=(4,))
+_PREFILL = CompiledCache(_prefill, **PREFILL_ARGNUMS)
 # The decode loop picks its params' and state's layouts (compiled.py); generate places them there.
-_DECODE = CompiledCache(_decode, static_argnums=(0, 1), donate_argnums=(4,), auto_layouts=(2, 4))
+_DECODE = CompiledCache(_decode, **DECODE_ARGNUMS, auto_layouts=(2, 4))
 
 
 def compiled_programs() -> dict[str, list]:

@@ -149,6 +149,10 @@ def _step(graphdef, layout, n_steps, rows, params, layer_states, state: SlotStat
         return jax.lax.fori_loop(0, n_steps, body, (state, jnp.zeros((rows, n_steps), jnp.int32)))
 
 
+# How the step is jitted, here and by aot's deviceless compile of it
+STEP_ARGNUMS = dict(static_argnums=(0, 1, 2, 3), donate_argnums=(6,))
+
+
 @dataclasses.dataclass
 class Request:
     """One generation request. Callbacks run on the engine's thread and must be quick."""
@@ -188,7 +192,7 @@ class Engine:
         self._insert = CompiledCache(_insert, donate_argnums=(0,))
         # The step picks its params' and state's layouts: compiled first, the params placed where it
         # wants them and the state made and kept there, so no call relays weights or cache out.
-        self._step = CompiledCache(_step, static_argnums=(0, 1, 2, 3), donate_argnums=(6,), auto_layouts=(4, 6))
+        self._step = CompiledCache(_step, **STEP_ARGNUMS, auto_layouts=(4, 6))
         self._step_out = (auto_formats(self._shardings), model.layout.replicated)
         spec = shape_spec(jax.eval_shape(lambda: _empty_state(cfg, max_batch, max_seq_len, self.dtype)),
                           self._shardings)
@@ -201,7 +205,7 @@ class Engine:
         # Steps over fewer rows (the busy slots, a power of two) take the params and state where the
         # full step placed them. Only while rows are not split over devices: a prefix of a sharded
         # batch axis would gather the state onto a few devices.
-        self._step_rows = CompiledCache(_step, static_argnums=(0, 1, 2, 3), donate_argnums=(6,))
+        self._step_rows = CompiledCache(_step, **STEP_ARGNUMS)
         self._step_rows_out = (self._state_formats, model.layout.replicated)
         self._row_buckets = self._shardings.last_token.is_fully_replicated
         self._state = self._fresh_state()
